@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuromap.errors import NeuroMapError
 
@@ -91,7 +91,101 @@ def parse_config(data: dict, model: type[BaseModel], source: str = "config") -> 
         raise NeuroMapError(f"{source}: invalid configuration: {problems}") from None
 
 
-__all__ = [
-    "MODALITIES", "MODALITY_ALIASES", "canonical_modality", "PreprocessConfig", "ModelConfig",
-    "load_yaml", "parse_config",
-]
+
+
+class AugmentConfig(Strict):
+    """Random augmentation applied to training samples (MONAI transforms)."""
+
+    flip: bool = True
+    rotate_deg: float = Field(15.0, ge=0, le=180)
+    scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: float = Field(0.1, ge=0)
+    intensity_scale: float = Field(0.1, ge=0)
+    gamma: tuple[float, float] | None = (0.7, 1.5)
+    prob: float = Field(0.3, ge=0, le=1, description="probability of each spatial/intensity transform")
+
+
+class SplitConfig(Strict):
+    """Patient-level split. ``ratios`` are (train, val[, test]); k-fold uses ``folds`` and ``fold``."""
+
+    mode: Literal["ratio", "kfold"] = "ratio"
+    ratios: tuple[float, ...] = (0.6, 0.25, 0.15)
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) not in (2, 3) or abs(sum(value) - 1) > 1e-6 or min(value) <= 0:
+            raise ValueError(f"ratios must be 2 or 3 positive numbers summing to 1 (e.g. [0.8, 0.2]), got {value}")
+        return value
+
+
+class TrainConfig(Strict):
+    """One experiment. ``neuromap train CONFIG.yaml`` reads this; every field has a CPU-friendly default."""
+
+    name: str = "experiment"
+    data_roots: list[str] = Field(default_factory=lambda: ["../shared/data/brats2018"])
+    task: Literal["brats", "binary"] = "brats"
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    patch_size: tuple[int, ...] = Field((96, 96, 96), description="3D patch (x, y, z) or 2D slice size (x, y)")
+    batch_size: int = Field(2, ge=1)
+    epochs: int = Field(100, ge=1)
+    iterations_per_epoch: int = Field(50, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["ce", "dice", "dice_ce", "weighted_dice", "focal"] = "dice_ce"
+    class_weights: list[float] | None = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    tumour_sampling: float = Field(0.67, ge=0, le=1, description="share of samples centred on tumour")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    seed: int = 0
+    val_every: int = Field(1, ge=1)
+    early_stopping_patience: int = Field(20, ge=1, description="validations without improvement before stopping")
+    plateau_patience: int = Field(8, ge=1)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (checked per epoch)")
+    threads: int | None = Field(None, ge=1)
+    output_dir: str | None = None
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) not in (2, 3) or min(value) < 8:
+            raise ValueError(f"patch_size must be 2 or 3 sizes >= 8, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        dims = self.model.spatial_dims
+        if len(self.patch_size) != dims:
+            raise ValueError(f"model.spatial_dims={dims} needs a {dims}-number patch_size, got {self.patch_size}")
+        if (dims == 2) != (self.preprocess.mode == "2d"):
+            raise ValueError(f"model.spatial_dims={dims} needs preprocess.mode='{'2d' if dims == 2 else '3d'}'")
+        if dims == 2 and tuple(self.patch_size) != tuple(self.preprocess.slice_size):
+            raise ValueError("2D models: patch_size must equal preprocess.slice_size")
+        n_out = 2 if self.task == "binary" else (3 if self.model.out == "regions" else 4)
+        if self.class_weights is not None and len(self.class_weights) != n_out:
+            raise ValueError(f"class_weights needs {n_out} numbers (one per output channel)")
+        if self.task == "binary" and self.model.out == "regions":
+            raise ValueError("task 'binary' uses model.out='classes'")
+        return self
+
+    @property
+    def out_channels(self) -> int:
+        return 2 if self.task == "binary" else (3 if self.model.out == "regions" else 4)
+
+
+class InferenceConfig(Strict):
+    """How `neuromap segment` runs a model; defaults are the shipped behaviour."""
+
+    tta: bool = False
+    overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap (3D models)")
+    sw_batch_size: int = Field(2, ge=1)
+    slice_batch_size: int = Field(32, ge=1)
+    min_component_ml: float = Field(0.1, ge=0, description="drop tumour components smaller than this (mL)")
+    et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)

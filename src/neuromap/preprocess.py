@@ -29,6 +29,11 @@ class Inverse:
     ras_shape: tuple[int, int, int]
     bbox: tuple[tuple[int, int], ...]  # [start, stop) per RAS axis
     prepared_shape: tuple[int, int, int]
+    ras_spacing: tuple[float, float, float]  # input voxel size along the RAS axes
+
+    def ras(self, array: np.ndarray) -> np.ndarray:
+        """An array in the input grid, reoriented to RAS at input resolution (for display)."""
+        return _apply_ornt(np.asarray(array), self.to_ras)
 
     @property
     def crop_shape(self) -> tuple[int, int, int]:
@@ -48,8 +53,7 @@ class Inverse:
 
     def to_prepared(self, array: np.ndarray, linear: bool = False) -> np.ndarray:
         """Forward-map an array in the input grid (e.g. a label map) to prepared space."""
-        ras = _apply_ornt(np.asarray(array), self.to_ras)
-        crop = ras[(...,) + tuple(slice(a, b) for a, b in self.bbox)]
+        crop = self.ras(array)[(...,) + tuple(slice(a, b) for a, b in self.bbox)]
         return resize(crop, self.prepared_shape, linear)
 
 
@@ -170,6 +174,6 @@ def prepare(volume: Volume, cfg: PreprocessConfig) -> Prepared:
     spacing = tuple(s * n / t for s, n, t in zip(ras_spacing, crop_shape, target, strict=True))
     inverse = Inverse(
         original_shape=tuple(volume.image.shape[-3:]), to_ras=to_ras, ras_shape=ras_shape, bbox=bbox,
-        prepared_shape=tuple(target),
+        prepared_shape=tuple(target), ras_spacing=tuple(ras_spacing),
     )
     return Prepared(image=image, seg=seg, inverse=inverse, spacing=spacing)

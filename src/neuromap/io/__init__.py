@@ -9,9 +9,9 @@ from neuromap.io.cases import (
     discover_cases,
     read_mapping_file,
 )
-from neuromap.io.nifti import Volume, load_case, validate_case, write_labels
+from neuromap.io.nifti import Volume, label_image, load_case, validate_case, write_labels
 
 __all__ = [
     "Case", "ImageRef", "Volume", "atomic_path", "case_from_folder", "case_from_mapping", "discover_cases",
-    "load_case", "read_mapping_file", "validate_case", "write_bytes_atomic", "write_labels",
+    "label_image", "load_case", "read_mapping_file", "validate_case", "write_bytes_atomic", "write_labels",
 ]

@@ -1,0 +1,50 @@
+"""NeuroMap: brain tumour segmentation in multimodal MRI. Research use only.
+
+The Python API mirrors the command line: ``segment``, ``train``, ``evaluate``, plus ``validate_case`` and
+``discover_cases`` for checking inputs.
+"""
+
+from neuromap.errors import NeuroMapError
+
+__version__ = "0.1.0"
+
+
+def segment(*args, **kwargs):
+    """See `neuromap.segment.segment` (imported lazily: torch/MONAI load only when needed)."""
+    from neuromap.segment import segment as _segment
+
+    return _segment(*args, **kwargs)
+
+
+def train(config, resume: bool = False, progress: bool = True):
+    """Train from a TrainConfig, a dict, or a YAML path; see `neuromap.training.train`."""
+    from neuromap.config import TrainConfig, load_yaml, parse_config
+    from neuromap.training import train as _train
+
+    if isinstance(config, dict):
+        config = parse_config(config, TrainConfig)
+    elif not isinstance(config, TrainConfig):
+        config = load_yaml(config, TrainConfig)
+    return _train(config, resume=resume, progress=progress)
+
+
+def evaluate(*args, **kwargs):
+    """See `neuromap.evaluation.evaluate`."""
+    from neuromap.evaluation import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+def validate_case(case, modalities=None):
+    from neuromap.io import validate_case as _validate
+
+    return _validate(case, modalities)
+
+
+def discover_cases(root):
+    from neuromap.io import discover_cases as _discover
+
+    return _discover(root)
+
+
+__all__ = ["NeuroMapError", "discover_cases", "evaluate", "segment", "train", "validate_case", "__version__"]

@@ -1,0 +1,3 @@
+from neuromap.cli import main
+
+raise SystemExit(main())

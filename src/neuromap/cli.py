@@ -1,0 +1,173 @@
+"""`neuromap` command line: thin over the Python API; user mistakes print one message and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from neuromap.errors import NeuroMapError
+
+EXIT_USER_ERROR = 2
+
+
+def _parse_map(items: list[str] | None) -> dict[str, str] | None:
+    """``--map t1ce=a.nii.gz flair=b.nii.gz`` or ``--map mapping.yaml``."""
+    if not items:
+        return None
+    from neuromap.io import read_mapping_file
+
+    if len(items) == 1 and "=" not in items[0]:
+        return read_mapping_file(items[0])
+    mapping = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise NeuroMapError(f"--map entry '{item}' is not MODALITY=FILE (e.g. t1ce=scan_t1c.nii.gz).")
+        mapping[key] = value
+    return mapping
+
+
+def _cases(paths: list[str], mapping: dict[str, str] | None):
+    from neuromap.io import case_from_mapping, discover_cases
+
+    if mapping:
+        if len(paths) > 1:
+            raise NeuroMapError("--map describes one case; give at most one case folder with it.")
+        return [case_from_mapping(mapping, base=Path(paths[0]) if paths else None)]
+    cases = []
+    for path in paths:
+        cases.extend(discover_cases(path))
+    return cases
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from neuromap.config import canonical_modality
+    from neuromap.io import validate_case
+
+    modalities = [canonical_modality(m) for m in args.modalities.split(",")] if args.modalities else None
+    failures = 0
+    for case in _cases(args.paths, _parse_map(args.map)):
+        try:
+            validate_case(case, modalities)
+            seg = f", segmentation {case.seg.path.name}" if case.seg else ""
+            print(f"OK   {case.case_id} [{case.layout}] {', '.join(case.modalities)}{seg}")
+        except NeuroMapError as exc:
+            failures += 1
+            print(f"FAIL {case.case_id}:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
+    return EXIT_USER_ERROR if failures else 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from neuromap.config import PreprocessConfig
+    from neuromap.io import load_case
+    from neuromap.preprocess import prepare
+
+    cfg = PreprocessConfig(
+        modalities=args.modalities.split(",") if args.modalities else PreprocessConfig().modalities,
+        n4=args.n4, spacing=tuple(args.spacing) if args.spacing else None, mode=args.mode,
+    )
+    for case in _cases(args.paths, _parse_map(args.map)):
+        volume = load_case(case, cfg.modalities)
+        prepared = prepare(volume, cfg)
+        inv = prepared.inverse
+        print(json.dumps({
+            "case": case.case_id, "layout": case.layout, "input_shape": list(inv.original_shape),
+            "input_spacing_mm": list(volume.spacing), "orientation": "reoriented to RAS",
+            "crop_bbox_ras": [list(b) for b in inv.bbox], "prepared_shape": list(prepared.image.shape),
+            "prepared_spacing_mm": [round(s, 3) for s in prepared.spacing], "z_score": cfg.normalize, "n4": cfg.n4,
+        }))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from neuromap.config import TrainConfig, load_yaml
+    from neuromap.training import train
+
+    cfg = load_yaml(args.config, TrainConfig)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; stopped by {result.stopped}; "
+          f"checkpoint {result.best_checkpoint}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from neuromap.config import InferenceConfig
+    from neuromap.segment import segment
+
+    mapping = _parse_map(args.map)
+    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
+    inputs = ({**mapping} if mapping else None) or args.inputs
+    if not inputs:
+        raise NeuroMapError("give a case folder, a folder of cases, or --map MODALITY=FILE ...")
+    models = args.model if args.model and len(args.model) > 1 else (args.model[0] if args.model else None)
+    results = segment(inputs, args.output_dir, model=models, labels=args.labels, overwrite=args.overwrite,
+                      progress=not args.quiet, cfg=cfg)
+    for r in results:
+        v = r.report["volumes_ml"]
+        print(f"{r.case_id}: WT {v['WT']:.1f} mL, TC {v['TC']:.1f} mL, ET {v['ET']:.1f} mL "
+              f"({r.report['timings_s']['total_s']:.1f} s) -> {r.files.get('seg.nii.gz')}")
+        for w in r.report["warnings"]:
+            print(f"  warning: {w}")
+    print("Research use only.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuromap", description="Brain tumour segmentation in multimodal MRI. Research use only."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check case folders (files, shapes, affines, values, labels)")
+    p.add_argument("paths", nargs="*", default=["."])
+    p.add_argument("--modalities", help="comma list the cases must have, e.g. t1ce,flair")
+    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preprocess", help="run preprocessing and print what it did (no files written)")
+    p.add_argument("paths", nargs="*", default=["."])
+    p.add_argument("--modalities")
+    p.add_argument("--map", nargs="+")
+    p.add_argument("--n4", action="store_true", help="N4 bias-field correction (SimpleITK)")
+    p.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"))
+    p.add_argument("--mode", choices=["3d", "2d"], default="3d")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (see configs/)")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
+    p.add_argument("--output-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("segment", help="segment case(s): label NIfTI, report JSON and overlay PNG per case")
+    p.add_argument("inputs", nargs="*", help="case folder(s) or a folder of cases")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--model", nargs="+", help="shipped model name or checkpoint path; several = ensemble")
+    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file (one case)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
+                   help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_segment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NeuroMapError as exc:
+        print(f"neuromap {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

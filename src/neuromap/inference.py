@@ -1,0 +1,86 @@
+"""Model outputs on a prepared volume: sliding window (3D, MONAI) or slice batches (2D), flip TTA,
+ensembles, conversion to labels and postprocessing. Shared by training validation and `neuromap segment`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from neuromap.checkpoint import ModelSpec
+from neuromap.config import InferenceConfig
+from neuromap.labels import ED, ET, NCR
+
+
+def _forward(model: torch.nn.Module, spec: ModelSpec, image: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Logits (K, X, Y, Z) for one (C, X, Y, Z) image."""
+    if spec.model.spatial_dims == 3:
+        return sliding_window_inference(
+            image[None], roi_size=spec.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
+            overlap=cfg.overlap, mode="gaussian",
+        )[0]
+    slices = image.permute(3, 0, 1, 2)  # (Z, C, X, Y): the last axis is the axial slice axis
+    out = torch.cat([model(batch) for batch in torch.split(slices, cfg.slice_batch_size)])
+    return out.permute(1, 2, 3, 0)
+
+
+def _activate(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    return torch.sigmoid(logits) if spec.model.out == "regions" else torch.softmax(logits, dim=0)
+
+
+@torch.no_grad()
+def predict_probs(
+    models: Sequence[tuple[torch.nn.Module, ModelSpec]], image: np.ndarray | torch.Tensor, cfg: InferenceConfig,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Mean probabilities over the models (an ensemble when several) and, with ``cfg.tta``, over all flips
+    of the in-plane axes (2D) or all three axes (3D).
+    """
+    x = torch.as_tensor(image, dtype=torch.float32, device=device)
+    total, count = None, 0
+    for model, spec in models:
+        axes = (1, 2) if spec.model.spatial_dims == 2 else (1, 2, 3)
+        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if cfg.tta else [()]
+        for flip in flips:
+            xi = torch.flip(x, flip) if flip else x
+            probs = _activate(_forward(model, spec, xi, cfg), spec)
+            probs = torch.flip(probs, flip) if flip else probs
+            total = probs if total is None else total + probs
+            count += 1
+    return total / count
+
+
+def probs_to_labels(probs: torch.Tensor | np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Internal labels: argmax for class outputs; nested thresholds WT ⊇ TC ⊇ ET for region outputs."""
+    p = torch.as_tensor(probs)
+    if spec.model.out == "classes":
+        return p.argmax(0).to(torch.uint8).cpu().numpy()
+    wt, tc, et = (p > 0.5).cpu().numpy()
+    labels = np.zeros(wt.shape, np.uint8)
+    labels[wt] = ED
+    labels[wt & tc] = NCR
+    labels[wt & tc & et] = ET
+    return labels
+
+
+def postprocess(labels: np.ndarray, voxel_ml: float, cfg: InferenceConfig) -> tuple[np.ndarray, list[str]]:
+    """Drop small disconnected tumour components and a negligible ET (as nnU-Net does for BraTS)."""
+    labels = labels.copy()
+    notes: list[str] = []
+    components, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
+    if n > 1 and cfg.min_component_ml > 0:
+        sizes = np.bincount(components.ravel())[1:] * voxel_ml
+        small = np.flatnonzero(sizes < cfg.min_component_ml) + 1
+        if len(small) and len(small) < n:
+            labels[np.isin(components, small)] = 0
+            notes.append(f"removed {len(small)} tumour component(s) smaller than {cfg.min_component_ml} mL")
+    et_ml = float((labels == ET).sum() * voxel_ml)
+    if 0 < et_ml < cfg.et_min_ml:
+        labels[labels == ET] = NCR
+        notes.append(f"enhancing tumour of {et_ml:.3f} mL (< {cfg.et_min_ml} mL) relabelled as NCR/NET")
+    return labels, notes

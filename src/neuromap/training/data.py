@@ -1,0 +1,139 @@
+"""Training data: patient-level splits, cached preprocessed cases, tumour-biased patch sampling, augmentation.
+
+Samples are drawn with a generator seeded by (seed, epoch, rank, index), so a resumed run sees exactly the
+batches an uninterrupted run would, and DDP ranks see different samples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.transforms.utils import map_binary_to_indices
+
+from neuromap.config import AugmentConfig, SplitConfig, TrainConfig
+from neuromap.errors import NeuroMapError
+from neuromap.io import Case, discover_cases, load_case
+from neuromap.preprocess import prepare
+
+
+def split_cases(case_ids: list[str], cfg: SplitConfig, seed: int) -> dict[str, list[str]]:
+    """Split by patient (never by slice) after a seeded shuffle of the sorted ids."""
+    ids = sorted(case_ids)
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    if cfg.mode == "kfold":
+        if cfg.fold >= cfg.folds or cfg.folds > len(ids):
+            raise NeuroMapError(f"k-fold: fold {cfg.fold} of {cfg.folds} impossible with {len(ids)} cases.")
+        folds = np.array_split(np.arange(len(ids)), cfg.folds)
+        val = set(folds[cfg.fold].tolist())
+        split = {"train": [order[i] for i in range(len(ids)) if i not in val], "val": [order[i] for i in sorted(val)]}
+        split["test"] = []
+    else:
+        n = len(ids)
+        n_val = max(1, round(cfg.ratios[1] * n))
+        n_test = round(cfg.ratios[2] * n) if len(cfg.ratios) == 3 else 0
+        if n - n_val - n_test < 1:
+            raise NeuroMapError(f"split {cfg.ratios} leaves no training case out of {n}; add cases or change ratios.")
+        split = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+    return {k: sorted(v) for k, v in split.items()}
+
+
+@dataclass
+class PreparedCase:
+    case_id: str
+    image: np.ndarray  # (C, X, Y, Z)
+    seg: np.ndarray  # (X, Y, Z) internal labels
+    spacing: tuple[float, float, float]
+    fg: np.ndarray  # flat indices of tumour voxels (for biased sampling)
+    bg: np.ndarray  # flat indices of brain voxels without tumour
+
+
+def find_training_cases(roots: list[str]) -> list[Case]:
+    cases: list[Case] = []
+    for root in roots:
+        cases.extend(c for c in discover_cases(root) if c.seg is not None)
+    if not cases:
+        raise NeuroMapError(f"no labelled cases (with a segmentation file) under {roots}.")
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise NeuroMapError(f"case ids occur twice across data_roots: {dupes}. Fix: remove the duplicates.")
+    return cases
+
+
+def prepare_case(case: Case, cfg: TrainConfig) -> PreparedCase:
+    volume = load_case(case, cfg.preprocess.modalities, with_seg=True)
+    prepared = prepare(volume, cfg.preprocess)
+    seg = prepared.seg.astype(np.uint8)
+    if cfg.task == "binary":
+        seg = (seg > 0).astype(np.uint8)
+    fg, bg = map_binary_to_indices(seg[None] > 0, prepared.image, image_threshold=0.0)
+    return PreparedCase(case.case_id, prepared.image, seg, prepared.spacing, np.asarray(fg), np.asarray(bg))
+
+
+def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
+    """MONAI dictionary transforms; images bilinear, labels nearest."""
+    keys, modes = ["image", "label"], ("bilinear", "nearest")
+    out: list[mt.Transform] = []
+    if cfg.flip:
+        out += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(dims)]
+    if cfg.rotate_deg > 0:
+        angle = np.deg2rad(cfg.rotate_deg)
+        # 3D: rotate in the axial plane only: out-of-plane rotation of anisotropic scans adds little and is slow
+        out.append(mt.RandRotated(keys, range_x=angle if dims == 2 else 0.0, range_z=angle if dims == 3 else 0.0,
+                                  prob=cfg.prob, mode=modes, padding_mode="zeros"))
+    if cfg.scale != (1.0, 1.0):
+        out.append(mt.RandZoomd(keys, prob=cfg.prob, min_zoom=cfg.scale[0], max_zoom=cfg.scale[1], mode=modes,
+                                keep_size=True))
+    if cfg.intensity_scale > 0:
+        out.append(mt.RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.prob))
+    if cfg.intensity_shift > 0:
+        out.append(mt.RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.prob))
+    if cfg.gamma is not None:
+        out.append(mt.RandAdjustContrastd("image", prob=cfg.prob, gamma=cfg.gamma))
+    return out
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``iterations_per_epoch * batch_size`` random samples per epoch; 2D models get single axial slices."""
+
+    def __init__(self, cases: list[PreparedCase], cfg: TrainConfig, rank: int = 0) -> None:
+        self.cases, self.cfg, self.rank, self.epoch = cases, cfg, rank, 0
+        dims = cfg.model.spatial_dims
+        size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 1)
+        self.crop = mt.RandCropByPosNegLabeld(
+            ["image", "label"], "label", spatial_size=size, pos=cfg.tumour_sampling,
+            neg=1.0 - cfg.tumour_sampling, num_samples=1, fg_indices_key="fg", bg_indices_key="bg",
+            allow_smaller=True,
+        )
+        self.pad = mt.SpatialPadd(["image", "label"], spatial_size=size)
+        self.augment = mt.Compose(augmentations(cfg.augment, dims))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.cfg.iterations_per_epoch * self.cfg.batch_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, index])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        self.crop.set_random_state(seed=int(rng.integers(2**31)))
+        self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        sample = {"image": case.image, "label": case.seg[None], "fg": case.fg, "bg": case.bg}
+        sample = self.pad(self.crop(sample)[0])
+        sample = {k: sample[k] for k in ("image", "label")}
+        if self.cfg.model.spatial_dims == 2:
+            sample = {k: v[..., 0] for k, v in sample.items()}
+        sample = self.augment(sample)
+        image = torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32)
+        label = torch.as_tensor(np.asarray(sample["label"]), dtype=torch.long)
+        return image, label
+
+
+def write_split(path: Path, split: dict[str, list[str]]) -> None:
+    path.write_text(json.dumps(split, indent=2))

@@ -1,0 +1,236 @@
+"""The training loop: one function for every architecture and both tasks (BraTS, binary LGG).
+
+Callbacks are plain code here (ReduceLROnPlateau, best checkpoint on validation Dice, CSV log, early stopping,
+curve PNG, tqdm bar with loss and ETA) because their state must be saved in ``last.pt`` for exact resume.
+Multi-process training goes through torchrun + DistributedDataParallel (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from neuromap.checkpoint import ModelSpec, save_checkpoint
+from neuromap.config import InferenceConfig, TrainConfig
+from neuromap.errors import NeuroMapError
+from neuromap.inference import predict_probs, probs_to_labels
+from neuromap.metrics import dice_per_region
+from neuromap.training.data import (
+    PatchDataset,
+    find_training_cases,
+    prepare_case,
+    split_cases,
+    write_split,
+)
+from neuromap.training.losses import make_loss
+
+LOG_FIELDS = ["epoch", "train_loss", "val_dice_mean", "val_dice_WT", "val_dice_TC", "val_dice_ET", "lr", "seconds"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_dice: float
+    epochs_run: int
+    stopped: str
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def validate(model: torch.nn.Module, spec: ModelSpec, cases: list, device: torch.device) -> dict[str, float]:
+    """Dice per region on whole validation volumes in prepared space, through the segment code path."""
+    model.eval()
+    scores: dict[str, list[float]] = {}
+    for case in cases:
+        probs = predict_probs([(model, spec)], case.image, InferenceConfig(), device=device)
+        dice = dice_per_region(probs_to_labels(probs, spec), case.seg)
+        if spec.task == "binary":
+            dice = {"WT": dice["WT"]}
+        for key, value in dice.items():
+            scores.setdefault(key, []).append(value)
+    mean = {k: float(np.mean(v)) for k, v in scores.items()}
+    mean["mean"] = float(np.mean(list(mean.values())))
+    return mean
+
+
+def _plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(epochs, [r["train_loss"] for r in rows])
+    ax[0].set(title="training loss", xlabel="epoch", ylabel="loss")
+    for key in ("val_dice_mean", "val_dice_WT", "val_dice_TC", "val_dice_ET"):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) not in ("", None)]
+        if pts:
+            ax[1].plot(*zip(*pts, strict=True), label=key.replace("val_dice_", ""))
+    ax[1].set(title="validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+    ax[1].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".part.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Train ``cfg``; with ``resume`` continue from ``last.pt`` in the run folder (same seed, same split)."""
+    rank, world, device = _distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    run_dir = Path(cfg.output_dir or f"runs/{cfg.name}")
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and not last_path.is_file():
+        raise NeuroMapError(f"{last_path}: nothing to resume (no last checkpoint). Fix: start without --resume.")
+    if not resume and last_path.exists():
+        raise NeuroMapError(f"{run_dir}: a run already exists there. Fix: --resume it, or set another output_dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    cases = find_training_cases(cfg.data_roots)
+    split = split_cases([c.case_id for c in cases], cfg.split, cfg.seed)
+    if rank == 0:
+        write_split(run_dir / "split.json", split)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    by_id = {c.case_id: c for c in cases}
+    train_cases = [prepare_case(by_id[i], cfg) for i in split["train"]]
+    val_cases = [prepare_case(by_id[i], cfg) for i in split["val"]] if rank == 0 else []
+
+    spec = ModelSpec(cfg.model, cfg.preprocess, cfg.task, tuple(cfg.patch_size), cfg.out_channels)
+    model = spec.build().to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer]
+    extra = {"momentum": 0.99, "nesterov": True} if cfg.optimizer == "sgd" else {}
+    optimizer = optim_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+    )
+    loss_fn = make_loss(cfg).to(device)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad": 0, "rows": [], "seconds": 0.0}
+    if resume:
+        saved = torch.load(last_path, map_location=device, weights_only=False)
+        if saved["split"] != split:
+            raise NeuroMapError(f"{last_path}: the saved split differs from this config's split; cannot resume.")
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+
+    dataset = PatchDataset(train_cases, cfg, rank=rank)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    started = time.time() - state["seconds"]
+    stopped = "epochs"
+    for epoch in range(state["epoch"], cfg.epochs):
+        t0 = time.time()
+        dataset.set_epoch(epoch)
+        net.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0,
+                   leave=False, file=sys.stderr)
+        for image, label in bar:
+            image, label = image.to(device), label.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=amp):
+                loss = loss_fn(net(image), label)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
+        score = torch.tensor(-1.0)
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            if rank == 0:
+                val = validate(model, spec, val_cases, device)
+                score = torch.tensor(val["mean"])
+                row.update({f"val_dice_{k}": v for k, v in val.items()})
+            if world > 1:
+                dist.broadcast(score, src=0)
+            scheduler.step(float(score))
+            if float(score) > state["best"]:
+                state.update(best=float(score), best_epoch=epoch + 1, bad=0)
+                if rank == 0:
+                    spec.info = {"best_epoch": epoch + 1, "val_dice": {k: v for k, v in val.items()}}
+                    save_checkpoint(best_path, spec, model.state_dict())
+            else:
+                state["bad"] += 1
+        row["seconds"] = round(time.time() - t0, 2)
+        state["rows"].append(row)
+        state["epoch"] = epoch + 1
+        state["seconds"] = time.time() - started
+        if rank == 0:
+            torch.save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "state": state, "split": split}, run_dir / "last.part")
+            os.replace(run_dir / "last.part", last_path)  # atomic: a kill mid-save keeps the previous last.pt
+            _write_log(run_dir / "log.csv", state["rows"])
+            _plot_curves(state["rows"], run_dir / "curves.png")
+            val_text = f" val Dice {row.get('val_dice_mean', float('nan')):.3f}" if "val_dice_mean" in row else ""
+            print(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f}{val_text} "
+                  f"({row['seconds']:.0f}s, best {state['best']:.3f} @ {state['best_epoch']})", file=sys.stderr)
+        if state["bad"] >= cfg.early_stopping_patience:
+            stopped = "early stopping"
+            break
+        if cfg.max_minutes and state["seconds"] > cfg.max_minutes * 60:
+            stopped = "time limit"
+            break
+    if rank == 0:
+        summary = {
+            "name": cfg.name, "stopped": stopped, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+            "best_val_dice_mean": state["best"], "wall_seconds": round(state["seconds"], 1), "hardware": hardware(),
+            "world_size": world, "split": {k: len(v) for k, v in split.items()}, "seed": cfg.seed,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return RunResult(run_dir, best_path, state["best_epoch"], state["best"], state["epoch"], stopped)
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".part")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

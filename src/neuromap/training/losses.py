@@ -1,0 +1,60 @@
+"""Loss functions by name (MONAI), for class outputs (softmax) or overlapping BraTS regions (sigmoid)."""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss, FocalLoss
+
+from neuromap.config import TrainConfig
+from neuromap.labels import REGIONS
+
+
+def region_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...) internal labels -> (B, 3, ...) float WT/TC/ET masks."""
+    return torch.cat([torch.isin(labels, torch.tensor(m, device=labels.device)) for m in REGIONS.values()], 1).float()
+
+
+def make_loss(cfg: TrainConfig) -> torch.nn.Module:
+    """Build the configured loss; the returned module takes (logits, labels (B,1,...))."""
+    regions = cfg.model.out == "regions"
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+    act = {"sigmoid": True} if regions else {"softmax": True, "to_onehot_y": True}
+    if cfg.loss == "dice":
+        loss = DiceLoss(**act)
+    elif cfg.loss == "weighted_dice":
+        loss = DiceLoss(**act, weight=weight if weight is not None else _inverse_frequency_default(cfg))
+    elif cfg.loss == "dice_ce":
+        loss = DiceCELoss(**act, weight=weight)
+    elif cfg.loss == "focal":
+        loss = FocalLoss(use_softmax=not regions, to_onehot_y=not regions, weight=weight)
+    else:
+        loss = _CrossEntropy(regions, weight)
+    return _RegionAdapter(loss) if regions else loss
+
+
+def _inverse_frequency_default(cfg: TrainConfig) -> torch.Tensor:
+    """Weighted Dice without explicit weights: background counts little, small tumour classes count more."""
+    return torch.tensor([0.1] + [1.0] * (cfg.out_channels - 1)) if cfg.model.out == "classes" else torch.ones(3)
+
+
+class _CrossEntropy(torch.nn.Module):
+    """CE on (B,1,...) integer targets (torch wants (B,...)); BCE-with-logits for region outputs."""
+
+    def __init__(self, regions: bool, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.regions = regions
+        self.ce = torch.nn.BCEWithLogitsLoss(pos_weight=None) if regions else torch.nn.CrossEntropyLoss(weight=weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.ce(logits, target) if self.regions else self.ce(logits, target[:, 0].long())
+
+
+class _RegionAdapter(torch.nn.Module):
+    """Turn label targets into WT/TC/ET channels before a sigmoid loss."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, region_targets(target))
