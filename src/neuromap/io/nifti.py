@@ -24,7 +24,7 @@ class Volume:
     case: Case
     image: np.ndarray  # (C, X, Y, Z) float32
     modalities: list[str]
-    reference: nib.Nifti1Image  # header + affine of the first modality: the output grid
+    reference: nib.Nifti1Image  # the first modality's image (lazy proxy): its header and affine are the output grid
     seg: np.ndarray | None = None  # internal labels, uint8
     brain_mask: np.ndarray | None = None
 
@@ -69,7 +69,8 @@ def _spatial_shape(img: nib.Nifti1Image, ref: ImageRef) -> tuple[int, ...]:
 
 def _read(img: nib.Nifti1Image, ref: ImageRef, integral: bool = False) -> np.ndarray:
     try:
-        data = np.asanyarray(img.dataobj) if integral else img.get_fdata(dtype=np.float32)
+        # Read through dataobj: get_fdata() would cache a second copy inside the image object.
+        data = np.asanyarray(img.dataobj) if integral else np.asarray(img.dataobj, dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise NeuroMapError(f"{ref.path}: file is truncated or corrupt ({exc}). Fix: copy it again.") from None
     if ref.channel is not None:
@@ -150,12 +151,9 @@ def load_case(
         raise NeuroMapError("\n".join(problems))
     if check_only:
         return None
-    reference = nib.Nifti1Image(np.empty((0,), np.uint8), first.affine, first.header.copy())
-    if reference.header["dim"][0] != 3:  # a 4D MSD header: keep only the spatial part for outputs
-        reference.header.set_data_shape(shape0)
     return Volume(
         case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
-        reference=reference, seg=seg, brain_mask=brain_mask,
+        reference=first, seg=seg, brain_mask=brain_mask,
     )
 
 
@@ -164,17 +162,24 @@ def validate_case(case: Case, modalities: list[str] | None = None) -> None:
     load_case(case, modalities, check_only=True)
 
 
-def write_labels(labels: np.ndarray, reference: nib.Nifti1Image, target: str | Path, overwrite: bool = False) -> Path:
-    """Write a uint8 label map with the reference's exact affine and header (atomically)."""
+def label_image(labels: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
+    """A uint8 label image with the reference's header, sform and qform unchanged (bit for bit)."""
     labels = np.asarray(labels, dtype=np.uint8)
     if labels.shape != reference.shape[:3]:
         raise ValueError(f"label shape {labels.shape} does not match the reference grid {reference.shape[:3]}")
     header = reference.header.copy()
     header.set_data_dtype(np.uint8)
-    header.set_data_shape(labels.shape)
+    header.set_data_shape(labels.shape)  # also turns a 4D (MSD) header into a 3D one
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     header["cal_min"], header["cal_max"] = 0, max(int(labels.max()), 1)
-    img = nib.Nifti1Image(labels, None, header)  # affine None: keep the header's sform/qform bit for bit
+    return nib.Nifti1Image(labels, None, header)  # affine None: keep the header's sform/qform as they are
+
+
+def write_labels(
+    labels: np.ndarray, reference: nib.Nifti1Image, target: str | Path, overwrite: bool = False
+) -> Path:
+    """Write the label map in the reference grid atomically (temp file, fsync, rename)."""
+    img = label_image(labels, reference)
     with atomic_path(target, overwrite) as tmp:
         nib.save(img, str(tmp))
     return Path(target)
