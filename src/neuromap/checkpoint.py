@@ -12,7 +12,7 @@ import torch
 from neuromap.config import ModelConfig, PreprocessConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io.atomic import atomic_path
-from neuromap.models import build_model
+from neuromap.models import build_model, resolve_options
 
 FORMAT = "neuromap-checkpoint-v1"
 
@@ -33,8 +33,10 @@ class ModelSpec:
         return list(self.preprocess.modalities)
 
     def to_dict(self) -> dict:
+        # Resolved options (defaults filled in) so a later change of a default cannot change a saved model.
+        model = {**self.model.model_dump(), "options": resolve_options(self.model)}
         return {
-            "model": self.model.model_dump(), "preprocess": self.preprocess.model_dump(), "task": self.task,
+            "model": model, "preprocess": self.preprocess.model_dump(), "task": self.task,
             "patch_size": list(self.patch_size), "out_channels": self.out_channels, "info": self.info,
         }
 

@@ -110,10 +110,10 @@ def case_from_folder(folder: Path, mapping: dict[str, str | Path] | None = None)
         )
     prefix = prefixes.pop() if len(prefixes) == 1 else ""
     images = {m: images[m] for m in MODALITIES if m in images}  # canonical channel order
-    if prefix and tokens & BRATS2023_TOKENS:
-        layout, convention = "brats2023", "brats2023"
-    elif "fla" in tokens:
+    if "fla" in tokens:  # BraTS-Toolkit also writes _t1c, so check its _fla first
         layout, convention = "brats-toolkit", None
+    elif prefix and tokens & BRATS2023_TOKENS:
+        layout, convention = "brats2023", "brats2023"
     elif prefix:
         layout, convention = "brats", None
     else:

@@ -86,6 +86,10 @@ def load_case(
     """Validate and load ``case``: every requested modality present, 3D, same shape and affine, finite, not
     all zero; segmentation (if any) integral with known labels. All problems are reported together.
     """
+    if case.layout == "lgg":
+        from neuromap.io.lgg import load_lgg  # imported here: neuromap.io.lgg imports Volume from this module
+
+        return load_lgg(case, modalities, with_seg=with_seg, check_only=check_only)
     modalities = list(modalities or case.modalities)
     problems: list[str] = []
     missing = [m for m in modalities if m not in case.images]

@@ -1,0 +1,29 @@
+"""Shared fixtures: where the real data lives, and small synthetic cases written per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BRATS = SHARED_DATA / "brats2018"
+UNLABELLED = SHARED_DATA / "unlabelled"
+LGG = SHARED_DATA / "lgg_kaggle_3m"
+
+needs_real_data = pytest.mark.skipif(
+    not BRATS.is_dir(), reason=f"real data folder {SHARED_DATA} is absent (fresh clone outside the team setup)"
+)
+
+
+@pytest.fixture
+def synthetic_case(tmp_path: Path) -> Path:
+    from neuromap.synthetic import write_synthetic_case
+
+    return write_synthetic_case(tmp_path / "Synthetic_001", case_id="Synthetic_001", shape=(48, 48, 32))
+
+
+def real_cases() -> list[Path]:
+    if not SHARED_DATA.is_dir():
+        return []
+    return sorted(p for p in BRATS.iterdir() if p.is_dir()) + sorted(p for p in UNLABELLED.iterdir() if p.is_dir())
