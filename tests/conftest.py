@@ -27,3 +27,19 @@ def real_cases() -> list[Path]:
     if not SHARED_DATA.is_dir():
         return []
     return sorted(p for p in BRATS.iterdir() if p.is_dir()) + sorted(p for p in UNLABELLED.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real (untrained, randomly initialised) small 2D U-Net checkpoint: fast, exercises every stage."""
+    import torch
+
+    from neuromap.checkpoint import ModelSpec, save_checkpoint
+    from neuromap.config import ModelConfig, PreprocessConfig
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        ModelConfig(name="unet2d", spatial_dims=2, options={"features": [8, 8, 16, 16, 32, 8]}),
+        PreprocessConfig(mode="2d", slice_size=(64, 64)), "brats", (64, 64), 4,
+    )
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", spec, spec.build().state_dict())

@@ -7,8 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import BRATS, UNLABELLED, needs_real_data, real_cases
+
 from neuromap.errors import NeuroMapError
 from neuromap.io import case_from_mapping, discover_cases, load_case, read_mapping_file, validate_case
 from neuromap.synthetic import synthetic_arrays, write_synthetic_case

@@ -3,8 +3,8 @@
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import needs_real_data, real_cases
+
 from neuromap.config import PreprocessConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io import discover_cases, load_case

@@ -123,8 +123,17 @@ def structure_metrics(
     }
     if hd95:
         result["hd95"] = hd95_mm(pred, gt, spacing)
-    result |= {"vol_pred_ml": n_pred * voxel_ml, "vol_gt_ml": n_gt * voxel_ml, "vol_diff_ml": (n_pred - n_gt) * voxel_ml}
+    result["vol_pred_ml"], result["vol_gt_ml"] = n_pred * voxel_ml, n_gt * voxel_ml
+    result["vol_diff_ml"] = (n_pred - n_gt) * voxel_ml
     return result
+
+
+def _mask(labels: np.ndarray, members: tuple[int, ...]) -> np.ndarray:
+    """Voxels whose label is in ``members``; a chain of comparisons is several times faster than np.isin here."""
+    mask = labels == members[0]
+    for label in members[1:]:
+        mask |= labels == label
+    return mask
 
 
 def _rows(
@@ -140,7 +149,7 @@ def _rows(
     for structure in structures:
         if structure.labels not in scored:
             scored[structure.labels] = structure_metrics(
-                np.isin(pred_labels, structure.labels), np.isin(gt_labels, structure.labels), spacing, hd95
+                _mask(pred_labels, structure.labels), _mask(gt_labels, structure.labels), spacing, hd95
             )
         rows.append({"structure": structure.name, "kind": structure.kind, **scored[structure.labels]})
     return rows

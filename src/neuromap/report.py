@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import io as _io
-import json
-from pathlib import Path
 
 import numpy as np
 
-from neuromap.io.atomic import write_bytes_atomic
 from neuromap.labels import CLASS_KEYS, REGIONS
 
 RESEARCH_NOTICE = "Research use only. Not for diagnosis or treatment decisions."
@@ -23,10 +20,6 @@ def volumes_ml(labels: np.ndarray, voxel_ml: float) -> dict[str, float]:
     out = {CLASS_KEYS[k]: float(counts[k] * voxel_ml) for k in CLASS_KEYS}
     out.update({name: float(sum(counts[m] for m in members) * voxel_ml) for name, members in REGIONS.items()})
     return out
-
-
-def write_report(report: dict, target: Path, overwrite: bool = False) -> Path:
-    return write_bytes_atomic(target, json.dumps(report, indent=2).encode(), overwrite)
 
 
 def tumour_centre(labels: np.ndarray) -> tuple[int, int, int]:

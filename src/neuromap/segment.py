@@ -6,6 +6,7 @@ probabilities -> labels -> postprocess -> back to the input grid -> write atomic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,10 @@ from neuromap.config import InferenceConfig
 from neuromap.errors import NeuroMapError
 from neuromap.inference import postprocess, predict_probs, probs_to_labels
 from neuromap.io import Case, Volume, label_image, load_case
-from neuromap.io.atomic import atomic_path, write_bytes_atomic
+from neuromap.io.atomic import atomic_path
 from neuromap.labels import from_internal
 from neuromap.preprocess import prepare
-from neuromap.report import RESEARCH_NOTICE, overlay_png, volumes_ml, write_report
+from neuromap.report import RESEARCH_NOTICE, overlay_png, volumes_ml
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -158,17 +159,20 @@ def segment_case(
     result = SegmentResult(case.case_id, label_img, report)
     if targets:
         t1 = time.perf_counter()
-        with atomic_path(targets["seg.nii.gz"], overwrite) as tmp:
-            nib.save(label_img, str(tmp))
         inv = prepared.inverse
         shown = "flair" if "flair" in volume.modalities else volume.modalities[0]
         png = overlay_png(inv.ras(volume.image[volume.modalities.index(shown)]), inv.ras(internal), inv.ras_spacing,
                           f"{case.case_id} ({shown}) - {spec.model.name}")
-        write_bytes_atomic(targets["overlay.png"], png, overwrite)
         timings["write_s"] = time.perf_counter() - t1
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
-        write_report(report, targets["report.json"], overwrite)
+        # All three files are staged under temporary names and renamed only when every one is complete,
+        # so an error leaves no partial set of outputs behind.
+        with contextlib.ExitStack() as stack:
+            tmp = {k: stack.enter_context(atomic_path(p, overwrite)) for k, p in targets.items()}
+            nib.save(label_img, str(tmp["seg.nii.gz"]))
+            tmp["overlay.png"].write_bytes(png)
+            tmp["report.json"].write_text(json.dumps(report, indent=2))
         result.files = targets
     else:
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

@@ -176,7 +176,8 @@ def label_image(labels: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Ima
     header.set_data_shape(labels.shape)  # also turns a 4D (MSD) header into a 3D one
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     header["cal_min"], header["cal_max"] = 0, max(int(labels.max()), 1)
-    return nib.Nifti1Image(labels, None, header)  # affine None: keep the header's sform/qform as they are
+    # The reference's own affine equals its header's best affine, so nibabel leaves sform/qform untouched.
+    return nib.Nifti1Image(labels, reference.affine, header)
 
 
 def write_labels(

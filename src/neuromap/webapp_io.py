@@ -1,0 +1,286 @@
+"""Upload handling for the web app, as plain functions so every safety rule is unit-testable without Streamlit.
+
+Rules: the total upload per case is capped (in code, not only by Streamlit's per-file limit); zip archives are
+inspected entry by entry before anything is extracted (absolute paths, ``..`` and symlinks are refused, the
+unpacked size is capped and counted while extracting); every file used as a scan must really be NIfTI
+(gzip magic for ``.nii.gz``, then a NIfTI-1/2 header); and all files of a browser session live in one private
+temp folder (`Workspace`) that is deleted on reset and when the session object goes away.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import struct
+import tempfile
+import weakref
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from neuromap.config import MODALITIES, MODALITY_ALIASES, canonical_modality
+from neuromap.errors import NeuroMapError
+from neuromap.io.cases import SEG_TOKENS, _split_token, nifti_stem
+
+DEFAULT_MAX_UPLOAD_MB = 300
+IGNORE = "ignore"  # modality choice for an uploaded file that is not used (e.g. a reference segmentation)
+NIFTI1_HEADER, NIFTI2_HEADER = 348, 540
+GZIP_MAGIC = b"\x1f\x8b"
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """An uploaded (or unzipped) NIfTI file inside the session workspace, with its guessed modality."""
+
+    name: str
+    path: Path
+    guess: str  # canonical modality or IGNORE
+
+
+class Workspace:
+    """One browser session's private temp folder; the app writes nothing anywhere else.
+
+    Cleanup is layered so no path leaks: `clear` on a new upload or reset; `weakref.finalize` deletes the folder
+    when the object is garbage-collected, which happens when Streamlit drops the session state of a closed
+    session; and finalize's own atexit hook deletes what is left when the server process exits normally.
+    """
+
+    def __init__(self, parent: str | Path | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="neuromap-app-", dir=parent))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+
+    def sub(self, name: str) -> Path:
+        """A fresh or existing subfolder (``uploads``, ``case``, ``out``, ``model``)."""
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clear(self, *names: str) -> None:
+        """Delete the named subfolders (all of them when none are named)."""
+        targets = [self.root / n for n in names] if names else list(self.root.iterdir())
+        for target in targets:
+            shutil.rmtree(target, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Delete the whole folder now (idempotent)."""
+        self._finalizer()
+
+
+def max_upload_bytes(megabytes: float) -> int:
+    return int(megabytes * 1024 * 1024)
+
+
+def check_total_size(sizes: list[int], limit_bytes: int) -> None:
+    """Refuse an upload whose files add up to more than the per-case limit."""
+    total = sum(sizes)
+    if total > limit_bytes:
+        raise NeuroMapError(
+            f"upload is {total / 2**20:.1f} MB, more than the limit of {limit_bytes / 2**20:.0f} MB per case. "
+            "Fix: upload only the sequence files of one case (compressed .nii.gz), or start the app with a "
+            "larger --max-upload-mb."
+        )
+
+
+def safe_name(name: str) -> str:
+    """A file name reduced to its last component and harmless characters (never a path)."""
+    base = re.split(r"[\\/]", name)[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return cleaned or "file"
+
+
+def guess_modality(name: str) -> str:
+    """Modality from a file name with the same token rules as case discovery; IGNORE for a segmentation or
+    an unrecognised name (the user then picks it)."""
+    stem = nifti_stem(Path(safe_name(name)))
+    if stem is None:
+        return IGNORE
+    _, token = _split_token(stem)
+    if token in SEG_TOKENS or token not in MODALITY_ALIASES:
+        return IGNORE
+    return canonical_modality(token)
+
+
+def case_id_from_names(names: list[str], fallback: str = "case") -> str:
+    """The shared prefix of BraTS-style names (``Brats18_x_1_t1.nii.gz`` -> ``Brats18_x_1``), else ``fallback``."""
+    prefixes = set()
+    for name in names:
+        stem = nifti_stem(Path(name))
+        if stem is not None:
+            prefixes.add(_split_token(stem)[0])
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    return safe_name(prefix or fallback)
+
+
+def check_nifti_header(name: str, head: bytes) -> None:
+    """Refuse content that is not NIfTI, given the file's first bytes (at least 544 when the file is that long).
+
+    ``.nii.gz`` must be gzip and decompress to a header with sizeof_hdr 348 (NIfTI-1, magic n+1/ni1) or 540
+    (NIfTI-2, magic n+2); ``.nii`` must start with such a header. Checked on the bytes, not the name, so a text
+    file renamed to .nii.gz is caught before nibabel sees it.
+    """
+    lower = name.lower()
+    if not lower.endswith((".nii", ".nii.gz")):
+        raise NeuroMapError(f"{name}: not a NIfTI file name. Fix: upload .nii or .nii.gz files (or one .zip).")
+    if lower.endswith(".gz"):
+        if not head.startswith(GZIP_MAGIC):
+            kind = "text" if _looks_like_text(head) else "not gzip data"
+            raise NeuroMapError(
+                f"{name}: named .nii.gz but its content is {kind}, not a gzip-compressed NIfTI image. "
+                "Fix: upload the original scan file."
+            )
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, NIFTI2_HEADER + 4)
+        except zlib.error as exc:
+            raise NeuroMapError(f"{name}: damaged gzip data ({exc}). Fix: copy the file again.") from None
+    if not _is_nifti_header(head):
+        raise NeuroMapError(
+            f"{name}: no NIfTI-1/NIfTI-2 header (the file is another format or damaged). "
+            "Fix: convert the scan to NIfTI (.nii.gz), e.g. with dcm2niix."
+        )
+
+
+def _looks_like_text(data: bytes) -> bool:
+    sample = data[:512]
+    return bool(sample) and all(b in b"\t\n\r" or 32 <= b < 127 for b in sample)
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    if len(head) < NIFTI1_HEADER:
+        return False
+    for order in "<>":
+        size = struct.unpack(f"{order}i", head[:4])[0]
+        if size == NIFTI1_HEADER and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+            return True
+        if size == NIFTI2_HEADER and head[4:8] == b"n+2\x00":
+            return True
+    return False
+
+
+def stage_uploads(files: list[tuple[str, bytes]], folder: Path, limit_bytes: int) -> list[StagedFile]:
+    """Check uploaded ``(name, content)`` pairs (total size, NIfTI content, distinct names) and write them into
+    ``folder`` under cleaned names; nothing is written unless every file passes."""
+    check_total_size([len(data) for _, data in files], limit_bytes)
+    names = [safe_name(name) for name, _ in files]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise NeuroMapError(f"the same file name was uploaded twice: {', '.join(dupes)}. Fix: remove the copy.")
+    for name, data in files:
+        check_nifti_header(name, data[: NIFTI2_HEADER + 4])
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for (name, data), clean in zip(files, names, strict=True):
+        target = folder / clean
+        target.write_bytes(data)
+        staged.append(StagedFile(name, target, guess_modality(clean)))
+    return staged
+
+
+def check_zip_entries(archive: zipfile.ZipFile, limit_bytes: int) -> tuple[list[zipfile.ZipInfo], list[str]]:
+    """Inspect every entry before anything is extracted: (NIfTI entries to use, names of ignored entries).
+
+    Refused: absolute paths, ``..`` components, symlinks, a declared unpacked size over the limit, NIfTI files in
+    more than one folder (more than one case), two entries with the same file name.
+    """
+    used: list[zipfile.ZipInfo] = []
+    ignored: list[str] = []
+    for info in archive.infolist():
+        raw = info.filename
+        parts = re.split(r"[\\/]", raw)
+        if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw):
+            raise NeuroMapError(f"zip entry '{raw}' has an absolute path; refused (nothing was extracted).")
+        if ".." in parts:
+            raise NeuroMapError(f"zip entry '{raw}' points outside the archive ('..'); refused (nothing was extracted).")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise NeuroMapError(f"zip entry '{raw}' is a symbolic link; refused (nothing was extracted).")
+        if info.is_dir():
+            continue
+        if parts[0] == "__MACOSX" or parts[-1].startswith(".") or nifti_stem(Path(parts[-1])) is None:
+            ignored.append(raw)
+            continue
+        used.append(info)
+    if not used:
+        raise NeuroMapError("the zip holds no .nii/.nii.gz file. Fix: zip the case folder with its sequence files.")
+    check_total_size([i.file_size for i in used], limit_bytes)
+    folders = {str(PurePosixPath(i.filename.replace("\\", "/")).parent) for i in used}
+    if len(folders) > 1:
+        raise NeuroMapError(
+            f"the zip holds NIfTI files in several folders ({', '.join(sorted(folders)[:4])}); the app segments one "
+            "case at a time. Fix: zip a single case folder."
+        )
+    names = [safe_name(i.filename) for i in used]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise NeuroMapError(f"the zip holds several files named {', '.join(dupes)}. Fix: keep one of each.")
+    return used, ignored
+
+
+def extract_case_zip(source: str | Path | BinaryIO, folder: Path, limit_bytes: int) -> tuple[list[StagedFile], list[str]]:
+    """Safely unpack one case folder from a zip into ``folder`` (flat): (staged NIfTI files, ignored entries).
+
+    Every entry is checked first (`check_zip_entries`); while copying, the bytes actually produced are counted
+    against the limit (a forged size field cannot inflate past it) and each file's header is checked as NIfTI.
+    On any refusal the partly extracted files are removed.
+    """
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise NeuroMapError(f"not a readable zip archive ({exc}). Fix: create it again (zip -r case.zip CASE/).") from None
+    with archive:
+        entries, ignored = check_zip_entries(archive, limit_bytes)
+        folder.mkdir(parents=True, exist_ok=True)
+        staged: list[StagedFile] = []
+        budget = limit_bytes
+        try:
+            for info in entries:
+                name = safe_name(info.filename)
+                target = folder / name
+                with archive.open(info) as src, open(target, "wb") as dst:
+                    head = src.read(NIFTI2_HEADER + 4)
+                    check_nifti_header(name, head)
+                    dst.write(head)
+                    budget -= len(head)
+                    while chunk := src.read(_COPY_CHUNK):
+                        budget -= len(chunk)
+                        if budget < 0:
+                            raise NeuroMapError(
+                                f"the zip unpacks to more than the limit of {limit_bytes / 2**20:.0f} MB per case "
+                                "(its size fields are wrong); refused."
+                            )
+                        dst.write(chunk)
+                staged.append(StagedFile(name, target, guess_modality(name)))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise NeuroMapError(f"the zip is damaged ({exc}). Fix: create it again.") from None
+        except NeuroMapError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    return staged, ignored
+
+
+def build_case_folder(choices: dict[Path, str], folder: Path, case_id: str) -> Path:
+    """Copy the chosen files into ``folder`` as ``<case_id>_<modality>.nii[.gz]`` so `neuromap.segment` reads
+    them through the same case discovery as any folder. ``choices`` maps staged file -> modality or IGNORE."""
+    chosen: dict[str, Path] = {}
+    for path, modality in choices.items():
+        if modality == IGNORE:
+            continue
+        if modality not in MODALITIES:
+            raise NeuroMapError(f"{path.name}: unknown sequence '{modality}'; choose one of {list(MODALITIES)}.")
+        if modality in chosen:
+            raise NeuroMapError(
+                f"{chosen[modality].name} and {path.name} are both set to {modality}. "
+                f"Fix: set one of them to another sequence or to '{IGNORE}'."
+            )
+        chosen[modality] = path
+    if not chosen:
+        raise NeuroMapError("no file is assigned to a sequence (t1, t1ce, t2, flair). Fix: choose the sequences.")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for modality, path in chosen.items():
+        suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+        shutil.copyfile(path, folder / f"{case_id}_{modality}{suffix}")
+    return folder

@@ -1,0 +1,129 @@
+"""`neuromap segment`: geometry, volumes, batch mode, atomic outputs, report schema, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import BRATS, UNLABELLED, needs_real_data
+
+from neuromap.cli import main
+from neuromap.errors import NeuroMapError
+from neuromap.segment import segment
+from neuromap.synthetic import write_synthetic_case
+
+
+@needs_real_data
+@pytest.mark.parametrize("folder", [BRATS / "Brats18_2013_2_1", UNLABELLED / "AURORA-example"], ids=["LPS", "RAS"])
+def test_output_grid_equals_input_bit_for_bit(tmp_path, tiny_checkpoint, folder):
+    (result,) = segment(folder, tmp_path, model=tiny_checkpoint)
+    ref = nib.load(next(folder.glob("*flair*")))
+    out = nib.load(result.files["seg.nii.gz"])
+    assert out.shape == ref.shape
+    assert np.array_equal(out.affine, ref.affine)
+    assert np.array_equal(out.header.get_sform(), ref.header.get_sform())
+    assert np.array_equal(out.header.get_qform(), ref.header.get_qform())
+    assert out.header["sform_code"] == ref.header["sform_code"] and out.header["qform_code"] == ref.header["qform_code"]
+    assert out.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 4}
+
+
+def test_volumes_are_voxel_counts_times_voxel_volume(tmp_path, tiny_checkpoint):
+    affine = np.diag([0.9, 1.1, 2.5, 1.0])
+    case = write_synthetic_case(tmp_path / "in" / "A", "A", shape=(48, 48, 24), affine=affine)
+    (result,) = segment(case, tmp_path / "out", model=tiny_checkpoint, labels="internal")
+    labels = np.asarray(result.labels.dataobj)
+    voxel_ml = 0.9 * 1.1 * 2.5 / 1000
+    vols = result.report["volumes_ml"]
+    for name, members in {"NCR": [1], "ED": [2], "ET": [3], "WT": [1, 2, 3], "TC": [1, 3]}.items():
+        assert vols[name] == pytest.approx(np.isin(labels, members).sum() * voxel_ml, abs=1e-3)
+    saved = json.loads(result.files["report.json"].read_text())
+    assert saved["volumes_ml"] == vols
+
+
+def test_report_schema(tmp_path, tiny_checkpoint, synthetic_case):
+    (result,) = segment(synthetic_case, tmp_path, model=tiny_checkpoint)
+    report = json.loads(result.files["report.json"].read_text())
+    assert report["research_use_only"] is True and "Research use only" in report["notice"]
+    assert set(report["volumes_ml"]) == {"NCR", "ED", "ET", "WT", "TC"}
+    assert report["model"]["architecture"] == "unet2d" and report["model"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert report["label_convention"] == "brats" and isinstance(report["warnings"], list)
+    assert {"load_s", "preprocess_s", "inference_s", "total_s"} <= set(report["timings_s"])
+    png = result.files["overlay.png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_mode_on_parent_folder(tmp_path, tiny_checkpoint):
+    for i in range(2):
+        write_synthetic_case(tmp_path / "cases" / f"C{i}", f"C{i}", shape=(32, 32, 16), seed=i)
+    assert main(["segment", str(tmp_path / "cases"), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
+                 "--quiet"]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [f"C{i}_{k}" for i in range(2) for k in ("overlay.png", "report.json", "seg.nii.gz")]
+
+
+def test_failure_mid_write_leaves_no_output(tmp_path, tiny_checkpoint, synthetic_case, monkeypatch):
+    def broken_save(img, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("neuromap.segment.nib.save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        segment(synthetic_case, tmp_path / "out", model=tiny_checkpoint)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_refuses_to_overwrite_outputs_and_inputs(tmp_path, tiny_checkpoint, synthetic_case):
+    segment(synthetic_case, tmp_path, model=tiny_checkpoint)
+    with pytest.raises(NeuroMapError, match="--overwrite"):
+        segment(synthetic_case, tmp_path, model=tiny_checkpoint)
+    segment(synthetic_case, tmp_path, model=tiny_checkpoint, overwrite=True)
+    before = (synthetic_case / "Synthetic_001_seg.nii.gz").read_bytes()
+    with pytest.raises(NeuroMapError, match="overwrite an input"):
+        segment(synthetic_case, synthetic_case, model=tiny_checkpoint, overwrite=True)
+    assert (synthetic_case / "Synthetic_001_seg.nii.gz").read_bytes() == before
+
+
+def test_python_api_accepts_nibabel_images(tiny_checkpoint, synthetic_case):
+    images = {m: nib.load(next(synthetic_case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair")}
+    (result,) = segment(images, model=tiny_checkpoint)
+    assert result.labels.shape == images["t1"].shape and np.array_equal(result.labels.affine, images["t1"].affine)
+
+
+def test_tta_and_ensemble(tmp_path, tiny_checkpoint, synthetic_case):
+    (result,) = segment(synthetic_case, model=[tiny_checkpoint, tiny_checkpoint], tta=True)
+    assert result.report["model"]["ensemble_size"] == 2 and result.report["model"]["tta"] is True
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neuromap", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing_dir", "no such file or folder"),
+        ("missing_modality", "missing modality"),
+        ("bad_model", "model not found"),
+        ("text_nifti", "cannot be read as NIfTI"),
+    ],
+)
+def test_bad_input_exits_2_with_message(tmp_path, tiny_checkpoint, setup, message):
+    case = write_synthetic_case(tmp_path / "case", "case", shape=(24, 24, 12))
+    model = str(tiny_checkpoint)
+    target = str(case)
+    if setup == "missing_dir":
+        target = str(tmp_path / "nope")
+    elif setup == "missing_modality":
+        (case / "case_t2.nii.gz").unlink()
+    elif setup == "bad_model":
+        model = str(tmp_path / "nope.pt")
+    elif setup == "text_nifti":
+        (case / "case_flair.nii.gz").write_text("hello")
+    proc = _cli("segment", target, "-o", str(tmp_path / "out"), "--model", model, "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
