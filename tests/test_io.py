@@ -14,7 +14,9 @@ from neuromap.io import case_from_mapping, discover_cases, load_case, read_mappi
 from neuromap.synthetic import synthetic_arrays, write_synthetic_case
 
 
-@pytest.mark.parametrize(("layout", "expected_layout"), [("brats", "brats"), ("brats2023", "brats2023"), ("plain", "plain")])
+@pytest.mark.parametrize(
+    ("layout", "expected_layout"), [("brats", "brats"), ("brats2023", "brats2023"), ("plain", "plain")]
+)
 def test_discovers_each_naming(tmp_path, layout, expected_layout):
     folder = write_synthetic_case(tmp_path / "case", case_id="P1", shape=(24, 24, 16), layout=layout)
     (case,) = discover_cases(folder)
@@ -46,7 +48,8 @@ def test_msd_task01_4d_layout(tmp_path):
     order = ["flair", "t1", "t1ce", "t2"]  # MSD: 0 FLAIR, 1 T1w, 2 t1gd, 3 T2w
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "labelsTr").mkdir()
-    nib.save(nib.Nifti1Image(np.stack([images[m] for m in order], -1), np.eye(4)), str(tmp_path / "imagesTr/BRATS_001.nii.gz"))
+    image4d = np.stack([images[m] for m in order], -1)
+    nib.save(nib.Nifti1Image(image4d, np.eye(4)), str(tmp_path / "imagesTr/BRATS_001.nii.gz"))
     msd_labels = np.choose(labels, [0, 2, 1, 3]).astype(np.uint8)  # internal -> MSD (1 ED, 2 NET, 3 ET)
     nib.save(nib.Nifti1Image(msd_labels, np.eye(4)), str(tmp_path / "labelsTr/BRATS_001.nii.gz"))
     meta = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}

@@ -49,7 +49,8 @@ def test_crop_zscore_and_mask(tmp_path):
     for channel in prepared.image:
         assert abs(channel[mask].mean()) < 1e-4 and abs(channel[mask].std() - 1) < 1e-3
     brain = np.argwhere(prepared.inverse.ras(volume.image[0]) != 0)
-    expected = tuple(min(hi + 1 + 2, n) - max(lo - 2, 0) for lo, hi, n in zip(brain.min(0), brain.max(0), prepared.inverse.ras_shape, strict=True))
+    bounds = zip(brain.min(0), brain.max(0), prepared.inverse.ras_shape, strict=True)
+    expected = tuple(min(hi + 1 + 2, n) - max(lo - 2, 0) for lo, hi, n in bounds)
     assert prepared.image.shape[1:] == expected
 
 
@@ -107,7 +108,8 @@ def test_n4_reduces_a_bias_field(tmp_path):
 @pytest.mark.parametrize("folder", real_cases(), ids=lambda p: p.name)
 def test_real_cases_round_trip(folder):
     volume = load_case(discover_cases(folder)[0])
-    labels = volume.seg if volume.seg is not None else (volume.image[0] > np.percentile(volume.image[0], 95)).astype(np.uint8)
+    bright = (volume.image[0] > np.percentile(volume.image[0], 95)).astype(np.uint8)
+    labels = volume.seg if volume.seg is not None else bright
     prepared = prepare(volume, PreprocessConfig())
     inverse = prepared.inverse
     assert np.array_equal(inverse.to_original(inverse.to_prepared(labels)), labels)

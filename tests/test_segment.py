@@ -26,7 +26,8 @@ def test_output_grid_equals_input_bit_for_bit(tmp_path, tiny_checkpoint, folder)
     assert np.array_equal(out.affine, ref.affine)
     assert np.array_equal(out.header.get_sform(), ref.header.get_sform())
     assert np.array_equal(out.header.get_qform(), ref.header.get_qform())
-    assert out.header["sform_code"] == ref.header["sform_code"] and out.header["qform_code"] == ref.header["qform_code"]
+    for code in ("sform_code", "qform_code"):
+        assert out.header[code] == ref.header[code]
     assert out.get_data_dtype() == np.uint8
     assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 4}
 
@@ -49,7 +50,8 @@ def test_report_schema(tmp_path, tiny_checkpoint, synthetic_case):
     report = json.loads(result.files["report.json"].read_text())
     assert report["research_use_only"] is True and "Research use only" in report["notice"]
     assert set(report["volumes_ml"]) == {"NCR", "ED", "ET", "WT", "TC"}
-    assert report["model"]["architecture"] == "unet2d" and report["model"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert report["model"]["architecture"] == "unet2d"
+    assert report["model"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
     assert report["label_convention"] == "brats" and isinstance(report["warnings"], list)
     assert {"load_s", "preprocess_s", "inference_s", "total_s"} <= set(report["timings_s"])
     png = result.files["overlay.png"].read_bytes()
