@@ -118,6 +118,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from neuromap.evaluation import evaluate, format_table
+
+    summary = evaluate(args.pred_dir, args.gt_dir, args.output_dir, pred_labels=args.pred_labels,
+                       gt_labels=args.gt_labels, hd95=not args.no_hd95, overwrite=args.overwrite,
+                       allow_missing=args.allow_missing, task=args.task)
+    print(format_table(summary))
+    print(f"wrote metrics.csv, summary.json, boxplot.png to {args.output_dir}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Segment a generated case (always possible) and, when the team's data folder is there, a real one."""
     from neuromap.io import discover_cases
@@ -150,6 +161,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{2 * (pred & wt).sum() / max(pred.sum() + wt.sum(), 1):.3f} (synthetic data: not a measure of accuracy)")
     print("Research use only.")
     return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Run ``streamlit run neuromap/app.py`` on localhost; settings travel to the app as environment variables."""
+    import importlib.util
+    import math
+    import os
+    import signal
+    import subprocess
+
+    from neuromap.segment import shipped_models
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
+    if args.max_upload_mb <= 0:
+        raise NeuroMapError(f"--max-upload-mb must be positive, got {args.max_upload_mb}.")
+    env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb)}
+    if args.model:
+        if args.model not in shipped_models() and not Path(args.model).is_file():
+            raise NeuroMapError(f"--model {args.model}: not a shipped model name nor a checkpoint file.")
+        env["NEUROMAP_APP_MODEL"] = args.model if args.model in shipped_models() else str(Path(args.model).resolve())
+    app = Path(__file__).with_name("app.py")
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+        "--server.address", "127.0.0.1", "--server.port", str(args.port),
+        "--server.maxUploadSize", str(math.ceil(args.max_upload_mb)), "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+    ]
+    print(f"NeuroMap web app: http://localhost:{args.port} (Ctrl+C stops it). Research use only.", flush=True)
+    with subprocess.Popen(command, env=env) as server:
+        # Stopping this command (Ctrl+C or kill) must stop the server too, never leave it running orphaned.
+        previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+        try:
+            return server.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if server.poll() is None:
+                server.terminate()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,11 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)
 
+    p = sub.add_parser("evaluate", help="metrics per case, class and region (Dice, IoU, HD95, ...) + summary")
+    p.add_argument("pred_dir")
+    p.add_argument("gt_dir")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--pred-labels", default="auto", help="label convention of the predictions (auto = guess)")
+    p.add_argument("--gt-labels", default="auto", help="label convention of the ground truth (auto = guess)")
+    p.add_argument("--task", choices=["brats", "binary"], default="brats")
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    p.add_argument("--allow-missing", action="store_true", help="evaluate matched cases, warn about the rest")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("demo", help="segment a generated case (and a real one if ../shared/data is present)")
     p.add_argument("-o", "--output-dir", default="demo_out")
     p.add_argument("--data", default="../shared/data", help="team data folder (optional)")
     p.add_argument("--model", help="shipped model name or checkpoint (default: the shipped model)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("app", help="start the web app (Streamlit) on localhost")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--max-upload-mb", type=float, default=300, help="upload limit per case in MB (default 300)")
+    p.add_argument("--model", help="also offer this checkpoint path (or shipped model name) in the model list")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

@@ -77,7 +77,8 @@ def hd95_mm(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float
 
     Cropping is exact: distances are translation invariant, and with a margin of one voxel the erosion that
     finds the surfaces sees the same neighbourhood as in the full image (where a mask touches the image edge,
-    the crop ends at the same edge). It makes a full 240x240x155 region about ten times faster.
+    the crop ends at the same edge). MONAI crops internally too, but only after converting the whole image to
+    float tensors; cropping first makes a 240x240x155 BraTS region about 1.5x faster (~0.3 s on 2 CPU cores).
     """
     pred_any, gt_any = bool(pred.any()), bool(gt.any())
     if not pred_any and not gt_any:

@@ -164,6 +164,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
         dataset.set_epoch(epoch)
+        # Dropout etc. draw from torch's global generator: seed it per epoch so a resumed run repeats exactly.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
         net.train()
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0,

@@ -1,0 +1,177 @@
+"""Training: config validation, patient-level splits, a real loss decrease, kill -9 resume, DDP on gloo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import BRATS, needs_real_data
+
+from neuromap.config import SplitConfig, TrainConfig, load_yaml
+from neuromap.errors import NeuroMapError
+from neuromap.synthetic import write_synthetic_case
+from neuromap.training.data import split_cases
+
+TINY = {
+    "name": "tiny",
+    "preprocess": {"mode": "2d", "slice_size": [32, 32]},
+    "model": {"name": "unet2d", "spatial_dims": 2, "options": {"features": [4, 4, 8, 8, 16, 4]}},
+    "patch_size": [32, 32], "batch_size": 2, "epochs": 6, "iterations_per_epoch": 3, "val_every": 1,
+    "split": {"ratios": [0.6, 0.4]}, "seed": 3, "threads": 1, "early_stopping_patience": 50,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    for i in range(4):
+        write_synthetic_case(tmp_path / "data" / f"S{i}", f"S{i}", shape=(32, 32, 12), seed=i)
+    cfg = {**TINY, "data_roots": [str(tmp_path / "data")], "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"loss": "hinge"}, "loss"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"patch_size": [32, 32, 32]}, "patch_size"),
+        ({"model": {"name": "unet2d", "spatial_dims": 3}}, "spatial_dims"),
+        ({"split": {"ratios": [0.5, 0.2]}}, "ratios"),
+        ({"class_weights": [1, 2]}, "class_weights"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, change, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **change}))
+    with pytest.raises(NeuroMapError, match=message) as info:
+        load_yaml(path, TrainConfig)
+    assert str(path) in str(info.value)
+
+
+def test_example_configs_are_valid():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        load_yaml(path, TrainConfig)
+
+
+def test_splits_are_patient_level_and_deterministic():
+    ids = [f"P{i:02d}" for i in range(15)]
+    split = split_cases(ids, SplitConfig(), seed=0)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [9, 4, 2]
+    assert sorted(sum(split.values(), [])) == ids
+    assert split == split_cases(list(reversed(ids)), SplitConfig(), seed=0)
+    assert split != split_cases(ids, SplitConfig(), seed=1)
+    assert [len(split_cases(ids, SplitConfig(ratios=(0.8, 0.2)), 0)[k]) for k in ("train", "val")] == [12, 3]
+    folds = [split_cases(ids, SplitConfig(mode="kfold", folds=5, fold=f), 0)["val"] for f in range(5)]
+    assert sorted(sum(folds, [])) == ids
+
+
+@needs_real_data
+def test_loss_decreases_on_a_real_crop():
+    from neuromap.checkpoint import ModelSpec
+    from neuromap.io import discover_cases, load_case
+    from neuromap.preprocess import prepare
+    from neuromap.training.losses import make_loss
+
+    cfg = TrainConfig.model_validate({
+        **TINY, "preprocess": {"mode": "3d", "spacing": [2, 2, 2]}, "patch_size": [32, 32, 32],
+        "model": {"name": "segresnet", "spatial_dims": 3, "options": {"init_filters": 8}},
+    })
+    prepared = prepare(load_case(discover_cases(BRATS / "Brats18_2013_2_1")[0]), cfg.preprocess)
+    centre = np.argwhere(prepared.seg > 0).mean(0).astype(int)
+    crop = tuple(slice(c - 16, c + 16) for c in centre)
+    image = torch.as_tensor(prepared.image[(slice(None),) + crop])[None]
+    label = torch.as_tensor(prepared.seg[crop].astype(np.int64))[None, None]
+    torch.manual_seed(0)
+    model = ModelSpec(cfg.model, cfg.preprocess, "brats", (32, 32, 32), 4).build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = make_loss(cfg)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = loss_fn(model(image), label)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
+
+
+@pytest.mark.parametrize("loss", ["ce", "dice", "weighted_dice", "focal"])
+@pytest.mark.parametrize("out", ["classes", "regions"])
+def test_every_loss_runs_for_both_output_types(loss, out):
+    from neuromap.training.losses import make_loss
+
+    cfg = TrainConfig.model_validate({**TINY, "loss": loss, "model": {**TINY["model"], "out": out}})
+    logits = torch.randn(2, cfg.out_channels, 8, 8, requires_grad=True)
+    value = make_loss(cfg)(logits, torch.randint(0, 4, (2, 1, 8, 8)))
+    value.backward()
+    assert torch.isfinite(value) and logits.grad is not None
+
+
+def _train_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "neuromap", "train", str(config), "--quiet", *extra]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_train_writes_run_folder(tiny_config):
+    proc = subprocess.run(_train_cmd(tiny_config), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = tiny_config.parent / "run"
+    for name in ("best.pt", "last.pt", "log.csv", "curves.png", "split.json", "summary.json", "config.json"):
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 2 and len(split["val"]) == 2 and not set(split["train"]) & set(split["val"])
+    assert len((run / "log.csv").read_text().splitlines()) == 1 + TINY["epochs"]
+    again = subprocess.run(_train_cmd(tiny_config), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_config, tmp_path):
+    reference = subprocess.run(_train_cmd(tiny_config, "--output-dir", str(tmp_path / "ref")), capture_output=True,
+                               text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tiny_config, "--output-dir", str(run)), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "log.csv"
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:  # two epochs done
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    epochs_done = torch.load(run / "last.pt", weights_only=False)["state"]["epoch"]
+    assert epochs_done < TINY["epochs"]
+    resumed = subprocess.run(_train_cmd(tiny_config, "--output-dir", str(run), "--resume"), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final, expected = _weights(run / "last.pt"), _weights(tmp_path / "ref" / "last.pt")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert (run / "log.csv").read_text().splitlines()[1:] != []
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == TINY["epochs"]
+
+
+def test_ddp_two_processes_on_gloo(tiny_config, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "--module", "neuromap", "train", str(tiny_config), "--quiet", "--output-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == TINY["epochs"]
+    assert (tmp_path / "ddp" / "best.pt").is_file()
