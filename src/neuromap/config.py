@@ -147,6 +147,9 @@ class TrainConfig(Strict):
     plateau_patience: int = Field(8, ge=1)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (checked per epoch)")
+    init_checkpoint: str | None = Field(
+        None, description="start from this checkpoint's weights where names and shapes match (pretraining)"
+    )
     threads: int | None = Field(None, ge=1)
     output_dir: str | None = None
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from neuromap.checkpoint import ModelSpec, save_checkpoint
+from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from neuromap.config import InferenceConfig, TrainConfig
 from neuromap.errors import NeuroMapError
 from neuromap.inference import predict_probs, probs_to_labels
@@ -136,7 +136,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     val_cases = [prepare_case(by_id[i], cfg) for i in split["val"]] if rank == 0 else []
 
     spec = ModelSpec(cfg.model, cfg.preprocess, cfg.task, tuple(cfg.patch_size), cfg.out_channels)
-    model = spec.build().to(device)
+    model = spec.build()
+    if cfg.init_checkpoint and not resume:
+        spec.info["init_checkpoint"] = _warm_start(model, cfg.init_checkpoint)
+    model = model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer]
     extra = {"momentum": 0.99, "nesterov": True} if cfg.optimizer == "sgd" else {}
@@ -227,6 +230,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         dist.barrier()
         dist.destroy_process_group()
     return RunResult(run_dir, best_path, state["best_epoch"], state["best"], state["epoch"], stopped)
+
+
+def _warm_start(model: torch.nn.Module, path: str) -> dict:
+    """Copy weights whose name and shape match (e.g. all but the first/last layer when channels differ)."""
+    source = read_checkpoint(path)["state_dict"]
+    target = model.state_dict()
+    matched = {k: v.float() if v.is_floating_point() else v for k, v in source.items()
+               if k in target and target[k].shape == v.shape}
+    if not matched:
+        raise NeuroMapError(f"{path}: no weights match this architecture; init_checkpoint must be the same model.")
+    model.load_state_dict(matched, strict=False)
+    return {"path": str(path), "tensors_loaded": len(matched), "tensors_total": len(target)}
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
