@@ -1,0 +1,126 @@
+"""Turn a training run into a shipped model: weights under neuromap/weights, an index entry, a model card.
+
+The card's numbers are measured here, not copied from the training log: every validation and test case of the
+run's split is segmented with the shipped (float16-stored) weights through `neuromap.segment`, in the case's
+own voxel grid, and scored with `neuromap.evaluate` against the expert labels.
+
+    python scripts/ship_model.py runs/brats_unet2d --name brats_unet2d --config configs/brats_unet2d.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
+from neuromap.evaluation import evaluate
+from neuromap.io import discover_cases
+from neuromap.segment import WEIGHTS_DIR, segment
+
+
+def measure(weights: Path, case_dirs: list[Path], gt_root: Path, task: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        pred = Path(tmp) / "pred"
+        results = segment(case_dirs, pred, model=weights, labels="brats")
+        summary = evaluate(pred, gt_root, Path(tmp) / "eval", task=task, allow_missing=True)
+        seconds = [r.report["timings_s"]["total_s"] for r in results]
+    return {"summary": summary, "seconds_per_case": seconds}
+
+
+def table(summary: dict) -> str:
+    lines = ["| structure | Dice mean ± sd | HD95 mm mean ± sd | sensitivity | precision | n |",
+             "|---|---|---|---|---|---|"]
+    for row in summary["structures"]:
+        m = row["metrics"]
+        lines.append(
+            f"| {row['structure']} ({row['kind']}) | {m['dice']['mean']:.3f} ± {m['dice']['std']:.3f} | "
+            f"{m['hd95']['mean']:.1f} ± {m['hd95']['std']:.1f} | {m['sensitivity']['mean']:.3f} | "
+            f"{m['precision']['mean']:.3f} | {m['dice']['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--config", required=True, help="the YAML the run was started with (for the card)")
+    parser.add_argument("--note", default="", help="extra text for the card (e.g. how it was chosen)")
+    args = parser.parse_args()
+
+    payload = read_checkpoint(args.run_dir / "best.pt")
+    spec = ModelSpec.from_dict(payload["spec"])
+    run_cfg = json.loads((args.run_dir / "config.json").read_text())
+    split = json.loads((args.run_dir / "split.json").read_text())
+    summary = json.loads((args.run_dir / "summary.json").read_text())
+    log = list(csv.DictReader(open(args.run_dir / "log.csv")))
+    target = WEIGHTS_DIR / f"{args.name}.pt"
+    spec.info = {**spec.info, "name": args.name, "trained_on": split["train"], "seed": run_cfg["seed"]}
+    save_checkpoint(target, spec, payload["state_dict"], half=True)
+
+    root = Path(run_cfg["data_roots"][0])
+    by_id = {c.case_id: c.root for c in discover_cases(root)}
+    measured = {part: measure(target, [by_id[i] for i in split[part]], root, spec.task)
+                for part in ("val", "test") if split.get(part)}
+    index_path = WEIGHTS_DIR / "models.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index[args.name] = {
+        "file": target.name, "modalities": spec.modalities, "task": spec.task, "architecture": spec.model.name,
+        "card": f"{args.name}.md",
+        "val_dice": {r["structure"]: round(r["metrics"]["dice"]["mean"], 4)
+                     for r in measured["val"]["summary"]["structures"] if r["kind"] == "region"},
+        "n_val": len(split["val"]),
+    }
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+    size_mb = target.stat().st_size / 2**20
+    card = [
+        f"# Model card: {args.name}", "",
+        "**Research use only.** Not a medical device; not for diagnosis or treatment decisions.", "",
+        "## What it is",
+        f"- Architecture: `{spec.model.name}` ({spec.model.spatial_dims}D), options `{spec.model.options}`, "
+        f"output `{spec.model.out}`; {sum(v.numel() for v in payload['state_dict'].values()):,} parameters; "
+        f"weights stored as float16 ({size_mb:.1f} MB), run in float32.",
+        f"- Input sequences: {', '.join(spec.modalities)}. Preprocessing: `{spec.preprocess.model_dump()}`.",
+        f"- Task: {spec.task}; labels 1 NCR/NET, 2 ED, 3 ET internally (written as BraTS 1, 2, 4).", "",
+        "## Data and split",
+        f"- Data: `{root}`: BraTS 2018 training cases with expert labels (all four sequences). Patient-level "
+        f"split, seed {run_cfg['seed']}, ratios {run_cfg['split']['ratios']}.",
+        f"- Train ({len(split['train'])}): {', '.join(split['train'])}",
+        f"- Validation ({len(split['val'])}, used for the best-checkpoint choice and learning-rate schedule): "
+        f"{', '.join(split['val'])}",
+        f"- Test ({len(split.get('test', []))}, never seen in training or selection): "
+        f"{', '.join(split.get('test', []))}", "",
+        "## Training",
+        f"- Command: `neuromap train {args.config}` (code at this commit), then "
+        f"`python scripts/ship_model.py {args.run_dir} --name {args.name} --config {args.config}`.",
+        f"- Epochs run: {summary['epochs_run']} (stopped by: {summary['stopped']}); "
+        f"best epoch {summary['best_epoch']}; "
+        f"{int(run_cfg['iterations_per_epoch'])} iterations of batch {run_cfg['batch_size']} per epoch; "
+        f"{run_cfg['optimizer']} lr {run_cfg['lr']}, loss {run_cfg['loss']}.",
+        f"- Wall time: {summary['wall_seconds'] / 60:.1f} min on {summary['hardware']} "
+        "(2-core CPU VM shared with other jobs: times are upper bounds).",
+        f"- Last logged epoch: {log[-1]}", "",
+        "## Measured results (in each case's original voxel grid, via `neuromap segment` + `neuromap evaluate`)",
+    ]
+    for part, result in measured.items():
+        card += ["", f"### {part} cases (n = {len(split[part])})", "", table(result["summary"]), "",
+                 f"Segmentation time per case on this CPU (s): {[round(s, 1) for s in result['seconds_per_case']]}"]
+    card += [
+        "", "## Limits", "",
+        f"- Trained on {len(split['train'])} cases from one public dataset; the validation and test sets are tiny "
+        "(the numbers above have wide uncertainty). Expect lower accuracy on scans from other scanners, protocols "
+        "or tumour types (e.g. metastases), and on scans that are not skull-stripped and co-registered.",
+        "- Validation cases steered checkpoint selection, so their scores are optimistic; the test cases are not.",
+    ]
+    if args.note:
+        card += ["", "## Notes", "", args.note]
+    (WEIGHTS_DIR / f"{args.name}.md").write_text("\n".join(card) + "\n")
+    print((WEIGHTS_DIR / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
