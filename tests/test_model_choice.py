@@ -1,0 +1,44 @@
+"""`neuromap segment` without --model picks the shipped model that matches the sequences a case has."""
+
+import json
+
+import pytest
+
+from neuromap.checkpoint import ModelSpec, save_checkpoint
+from neuromap.config import ModelConfig, PreprocessConfig
+from neuromap.errors import NeuroMapError
+from neuromap.segment import resolve_model_paths, segment
+from neuromap.synthetic import write_synthetic_case
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    index = {}
+    for name, mods in {"full": ["t1", "t1ce", "t2", "flair"], "reduced": ["t1ce", "flair"]}.items():
+        spec = ModelSpec(ModelConfig(name="unet2d", spatial_dims=2, options={"features": [4, 4, 8, 8, 16, 4]}),
+                         PreprocessConfig(mode="2d", slice_size=(32, 32), modalities=mods), "brats", (32, 32), 4)
+        save_checkpoint(folder / f"{name}.pt", spec, spec.build().state_dict())
+        index[name] = {"file": f"{name}.pt", "modalities": mods, "task": "brats"}
+    (folder / "models.json").write_text(json.dumps(index))
+    monkeypatch.setattr("neuromap.segment.WEIGHTS_DIR", folder)
+    return folder
+
+
+def test_full_case_gets_the_four_sequence_model(weights_dir):
+    assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "full.pt"]
+    assert resolve_model_paths("reduced", ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
+
+
+def test_case_without_t1_and_t2_gets_the_reduced_model(tmp_path, weights_dir):
+    case = write_synthetic_case(tmp_path / "c", "c", shape=(32, 32, 12))
+    for mod in ("t1", "t2"):
+        (case / f"c_{mod}.nii.gz").unlink()
+    (result,) = segment(case)
+    assert result.report["model"]["modalities"] == ["t1ce", "flair"]
+
+
+def test_no_matching_model_is_a_clear_error(weights_dir):
+    with pytest.raises(NeuroMapError, match="no shipped model works with the sequences found"):
+        resolve_model_paths(None, ["t2"])
