@@ -10,8 +10,8 @@ path offered in the model list).
 
 from __future__ import annotations
 
+import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,8 @@ REGION_ROWS = [("NCR", "NCR/NET", "necrotic / non-enhancing tumour core"), ("ED"
                ("TC", "TC", "tumour core = NCR/NET + ET")]
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # name, RAS axis held fixed
 OUTPUT_LABELS = "brats"  # the label NIfTI uses BraTS 1/2/4, as `neuromap segment` does by default
+# Session-state keys that describe the current case; all dropped together when its files are deleted.
+CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "display", "model_sig")
 
 
 @dataclass
@@ -59,7 +61,9 @@ def settings() -> Settings:
     try:
         limit = float(raw)
     except ValueError:
-        raise NeuroMapError(f"NEUROMAP_APP_MAX_UPLOAD_MB='{raw}' is not a number of megabytes.") from None
+        limit = -1.0
+    if limit <= 0:
+        raise NeuroMapError(f"NEUROMAP_APP_MAX_UPLOAD_MB='{raw}' is not a positive number of megabytes.")
     return Settings(limit, os.environ.get("NEUROMAP_APP_MODEL") or None)
 
 
@@ -73,7 +77,7 @@ def workspace() -> Workspace:
 def reset_session() -> None:
     """'Start over': delete every file of this session and empty the upload widgets (new widget keys)."""
     workspace().clear()
-    for key in ("staged", "upload_sig", "upload_error", "ignored", "result", "display", "model_sig"):
+    for key in (*CASE_KEYS, "upload_sig"):
         st.session_state.pop(key, None)
     st.session_state.upload_round = st.session_state.get("upload_round", 0) + 1
 
@@ -89,13 +93,13 @@ def upload_panel(limit_mb: float) -> None:
     if mode == "Sequence files":
         files = st.file_uploader(
             "MRI sequences (.nii / .nii.gz)", accept_multiple_files=True, key=f"files_{round_}",
-            max_upload_size=int(np.ceil(limit_mb)),
+            max_upload_size=math.ceil(limit_mb),
             help="T1, T1ce, T2 and FLAIR of one patient, co-registered. The sequence is guessed from each file "
                  "name (e.g. _t1ce, -t1c, _flair) and can be changed below.",
         ) or []
     else:
         one = st.file_uploader("One case folder as .zip", type=["zip"], key=f"zip_{round_}",
-                               max_upload_size=int(np.ceil(limit_mb)))
+                               max_upload_size=math.ceil(limit_mb))
         files = [one] if one else []
     st.caption(f"Limit: {limit_mb:g} MB per case. Files stay in a private temp folder of this session and are "
                "deleted on 'Start over', on a new upload and when the session ends.")
@@ -109,7 +113,7 @@ def receive_upload(files: list, is_zip: bool, limit_bytes: int) -> None:
     """Validate and stage a new upload in a clean workspace; the message of a refusal is kept for the page."""
     ws = workspace()
     ws.clear()
-    for key in ("staged", "upload_error", "ignored", "result", "display", "model_sig"):
+    for key in CASE_KEYS:
         st.session_state.pop(key, None)
     if not files:
         return
@@ -132,12 +136,13 @@ def model_panel(cfg: Settings) -> str | Path | None:
     """Model choice: shipped models, the checkpoint given to ``neuromap app --model``, or an uploaded .pt.
     Returns what `segment` takes as ``model`` (None = best shipped model), or raises when nothing is usable."""
     shipped = shipped_models()
-    options = ([AUTO] if shipped else []) + sorted(shipped) + ([cfg.model_path] if cfg.model_path else []) + [UPLOAD]
+    given = [cfg.model_path] if cfg.model_path and cfg.model_path not in shipped else []
+    options = ([AUTO] if shipped else []) + sorted(shipped) + given + [UPLOAD]
     labels = {AUTO: "automatic: best shipped model for the sequences", UPLOAD: "upload a checkpoint (.pt)"}
     labels.update({n: f"{n} ({', '.join(e['modalities'])})" for n, e in shipped.items()})
-    if cfg.model_path:
-        labels[cfg.model_path] = f"{Path(cfg.model_path).name} (given to neuromap app)"
-    choice = st.selectbox("Model", options, format_func=labels.get, key="model_choice")
+    labels.update({path: f"{Path(path).name} (from --model)" for path in given})
+    default = options.index(cfg.model_path) if cfg.model_path else 0
+    choice = st.selectbox("Model", options, index=default, format_func=labels.get, key="model_choice")
     if choice == AUTO:
         return None
     if choice != UPLOAD:
@@ -210,7 +215,7 @@ def load_display(result: dict, modality: str) -> dict:
         return cached
     image = nib.as_closest_canonical(nib.load(result["inputs"][modality]))
     seg = nib.as_closest_canonical(nib.load(result["files"]["seg.nii.gz"]))
-    background = np.asarray(image.dataobj, dtype=np.float32)
+    background = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])  # (X, Y, Z, 1) too
     labels = to_internal(np.asanyarray(seg.dataobj), OUTPUT_LABELS)
     nonzero = background[background != 0]
     window = tuple(np.percentile(nonzero, [0.5, 99.5])) if nonzero.size else (0.0, 1.0)
@@ -242,13 +247,14 @@ def render_slice(background: np.ndarray, labels: np.ndarray, axis: int, index: i
 
 
 def legend_html(shown: set[int]) -> str:
+    """Colour key with the exact overlay colours (Streamlit's named colours differ); hidden labels greyed."""
     items = []
     for value, colour in COLOURS.items():
-        hexcode = "#%02x%02x%02x" % tuple(int(c * 255) for c in colour)
-        style = "" if value in shown else "opacity:0.35;"
-        items.append(f'<span style="{style}margin-right:1.2em"><span style="display:inline-block;width:0.9em;'
-                     f'height:0.9em;background:{hexcode};border-radius:2px;margin-right:0.35em"></span>'
-                     f"{LEGEND[value]}</span>")
+        hexcode = "#" + "".join(f"{round(c * 255):02x}" for c in colour)
+        swatch = f"display:inline-block;width:0.9em;height:0.9em;background:{hexcode};margin-right:0.35em"
+        fade = "" if value in shown else "opacity:0.35;"
+        items.append(f'<span style="{fade}margin-right:1.2em;font-size:0.85rem;white-space:nowrap">'
+                     f'<span style="{swatch}"></span>{LEGEND[value]}</span>')
     return "".join(items)
 
 
@@ -268,9 +274,10 @@ def viewer(result: dict) -> None:
     centre = tumour_centre(data["labels"])
     for column, (name, axis) in zip(st.columns(3), VIEWS, strict=True):
         size = data["labels"].shape[axis]
-        index = column.slider(f"{name.capitalize()} slice", 0, size - 1, int(centre[axis]), key=f"{name}_{run}")
-        column.image(render_slice(data["background"], data["labels"], axis, index, data["spacing"], data["window"],
-                                  opacity, shown), caption=f"{name} {index + 1}/{size}", width="stretch")
+        number = column.slider(f"{name.capitalize()} slice (of {size})", 1, size, int(centre[axis]) + 1,
+                               key=f"{name}_{run}")
+        column.image(render_slice(data["background"], data["labels"], axis, number - 1, data["spacing"],
+                                  data["window"], opacity, shown), width="stretch")
 
 
 def results_panel(result: dict) -> None:
@@ -303,6 +310,8 @@ def main() -> None:
     st.set_page_config(page_title="NeuroMap - brain tumour segmentation", page_icon=":material/neurology:",
                        layout="wide")
     st.title("NeuroMap: brain tumour segmentation")
+    st.markdown("Upload one patient's MRI (T1, T1ce, T2, FLAIR), segment the tumour into necrotic core, edema and "
+                "enhancing tumour, inspect the result slice by slice and download the label map, report and picture.")
     st.warning(f"**{RESEARCH_NOTICE}** The results have not been checked by a clinician.",
                icon=":material/warning:")
     try:
@@ -323,13 +332,14 @@ def main() -> None:
         st.button("Start over", on_click=reset_session, icon=":material/restart_alt:",
                   help="Delete this session's files and clear the uploads.")
 
-    if st.session_state.get("upload_error"):
-        st.error(st.session_state.upload_error)
     staged = st.session_state.get("staged")
-    if not staged:
+    if st.session_state.get("upload_error"):
+        st.error(f"{st.session_state.upload_error}\n\nNothing was kept. Remove the file in the sidebar (x) or press "
+                 "'Start over', then upload again.")
+    elif not staged:
         st.info("Upload the MRI sequences of one patient in the sidebar: T1, T1ce, T2 and FLAIR as .nii/.nii.gz "
                 "files (BraTS naming is recognised), or the case folder as one .zip.", icon=":material/upload:")
-    else:
+    if staged:
         st.subheader("Sequences")
         if st.session_state.get("ignored"):
             st.caption(f"Not used from the zip: {', '.join(st.session_state.ignored)}")
@@ -337,15 +347,13 @@ def main() -> None:
         if model_problem:
             st.info(model_problem)
         if st.button("Segment", type="primary", disabled=bool(model_problem), icon=":material/play_arrow:"):
-            started = time.perf_counter()
             run_segmentation(choices, model, tta)
-            st.session_state.last_click_s = time.perf_counter() - started
 
     result = st.session_state.get("result")
     if result:
         st.divider()
         st.subheader(f"Result: {result['case_id']}")
-        left, right = st.columns([3, 1.3], gap="large")
+        left, right = st.columns([3, 1.5], gap="large")
         with left:
             viewer(result)
         with right:

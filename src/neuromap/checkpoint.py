@@ -67,7 +67,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise NeuroMapError(f"{path}: model file not found. Fix: give a .pt checkpoint or a shipped model name.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # no code execution from files
     except Exception as exc:  # torch raises many types for a damaged file
         raise NeuroMapError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}).") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

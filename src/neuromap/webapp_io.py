@@ -44,9 +44,10 @@ class StagedFile:
 class Workspace:
     """One browser session's private temp folder; the app writes nothing anywhere else.
 
-    Cleanup is layered so no path leaks: `clear` on a new upload or reset; `weakref.finalize` deletes the folder
-    when the object is garbage-collected, which happens when Streamlit drops the session state of a closed
-    session; and finalize's own atexit hook deletes what is left when the server process exits normally.
+    Cleanup is layered so no path leaks: `clear` on a new upload or 'Start over'; `weakref.finalize` deletes the
+    folder when the object is garbage-collected, which happens when Streamlit drops a closed tab's session state
+    (it keeps it about two minutes for reconnects, then forgets it the next time its session store is used); and
+    finalize's own atexit hook deletes what is left when the server exits normally (Ctrl+C, SIGTERM).
     """
 
     def __init__(self, parent: str | Path | None = None) -> None:
@@ -79,7 +80,7 @@ def check_total_size(sizes: list[int], limit_bytes: int) -> None:
     total = sum(sizes)
     if total > limit_bytes:
         raise NeuroMapError(
-            f"upload is {total / 2**20:.1f} MB, more than the limit of {limit_bytes / 2**20:.0f} MB per case. "
+            f"upload is {total / 2**20:.1f} MB, more than the limit of {limit_bytes / 2**20:.3g} MB per case. "
             "Fix: upload only the sequence files of one case (compressed .nii.gz), or start the app with a "
             "larger --max-upload-mb."
         )
@@ -193,7 +194,7 @@ def check_zip_entries(archive: zipfile.ZipFile, limit_bytes: int) -> tuple[list[
         if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw):
             raise NeuroMapError(f"zip entry '{raw}' has an absolute path; refused (nothing was extracted).")
         if ".." in parts:
-            raise NeuroMapError(f"zip entry '{raw}' points outside the archive ('..'); refused (nothing was extracted).")
+            raise NeuroMapError(f"zip entry '{raw}' points outside the archive (..); refused (nothing was extracted).")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise NeuroMapError(f"zip entry '{raw}' is a symbolic link; refused (nothing was extracted).")
         if info.is_dir():
@@ -218,7 +219,9 @@ def check_zip_entries(archive: zipfile.ZipFile, limit_bytes: int) -> tuple[list[
     return used, ignored
 
 
-def extract_case_zip(source: str | Path | BinaryIO, folder: Path, limit_bytes: int) -> tuple[list[StagedFile], list[str]]:
+def extract_case_zip(
+    source: str | Path | BinaryIO, folder: Path, limit_bytes: int
+) -> tuple[list[StagedFile], list[str]]:
     """Safely unpack one case folder from a zip into ``folder`` (flat): (staged NIfTI files, ignored entries).
 
     Every entry is checked first (`check_zip_entries`); while copying, the bytes actually produced are counted
@@ -228,7 +231,7 @@ def extract_case_zip(source: str | Path | BinaryIO, folder: Path, limit_bytes: i
     try:
         archive = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise NeuroMapError(f"not a readable zip archive ({exc}). Fix: create it again (zip -r case.zip CASE/).") from None
+        raise NeuroMapError(f"not a readable zip archive ({exc}). Fix: zip it again (zip -r case.zip CASE/).") from None
     with archive:
         entries, ignored = check_zip_entries(archive, limit_bytes)
         folder.mkdir(parents=True, exist_ok=True)
@@ -247,14 +250,17 @@ def extract_case_zip(source: str | Path | BinaryIO, folder: Path, limit_bytes: i
                         budget -= len(chunk)
                         if budget < 0:
                             raise NeuroMapError(
-                                f"the zip unpacks to more than the limit of {limit_bytes / 2**20:.0f} MB per case "
+                                f"the zip unpacks to more than the limit of {limit_bytes / 2**20:.3g} MB per case "
                                 "(its size fields are wrong); refused."
                             )
                         dst.write(chunk)
                 staged.append(StagedFile(name, target, guess_modality(name)))
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
+            # RuntimeError: encrypted entry; NotImplementedError: a compression method Python cannot read.
             shutil.rmtree(folder, ignore_errors=True)
-            raise NeuroMapError(f"the zip is damaged ({exc}). Fix: create it again.") from None
+            raise NeuroMapError(
+                f"the zip cannot be unpacked ({exc}). Fix: zip the case folder again, without a password."
+            ) from None
         except NeuroMapError:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -1,0 +1,392 @@
+"""Web app: Streamlit AppTest of the whole page (upload -> segment -> table -> downloads), the upload safety
+rules as plain functions, the slice renderer, the session folder's lifetime, and the `neuromap app` command."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import io
+import json
+import stat
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import streamlit.testing.v1.app_test as app_test_module
+import torch
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
+
+import neuromap.segment
+from neuromap import cli
+from neuromap.checkpoint import ModelSpec, save_checkpoint
+from neuromap.config import ModelConfig, PreprocessConfig
+from neuromap.errors import NeuroMapError
+from neuromap.synthetic import write_synthetic_case
+from neuromap.webapp_io import (
+    IGNORE,
+    Workspace,
+    build_case_folder,
+    case_id_from_names,
+    check_nifti_header,
+    extract_case_zip,
+    guess_modality,
+    stage_uploads,
+)
+
+APP = Path(__file__).resolve().parents[1] / "src" / "neuromap" / "app.py"
+MB = 2**20
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """A real 2D U-Net checkpoint with random (seeded) weights: meaningless output, real pipeline and geometry."""
+    torch.manual_seed(0)
+    spec = ModelSpec(ModelConfig(name="unet2d", spatial_dims=2, options={"features": [8, 8, 16, 16, 32, 8]}),
+                     PreprocessConfig(mode="2d", slice_size=(64, 64)), "brats", (64, 64), 4)
+    return save_checkpoint(path, spec, spec.build().state_dict())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.fixture
+def media(monkeypatch) -> dict:
+    """Keep every file the download buttons serve, by id, so a test reads the bytes a browser would get."""
+    served: dict[str, bytes] = {}
+
+    class Recording(MemoryMediaFileStorage):
+        def load_and_get_id(self, path_or_data, mimetype, kind, filename=None):
+            file_id = super().load_and_get_id(path_or_data, mimetype, kind, filename)
+            served[file_id] = self._files_by_id[file_id].content
+            return file_id
+
+    monkeypatch.setattr(app_test_module, "MemoryMediaFileStorage", Recording)
+    return served
+
+
+@pytest.fixture
+def app(monkeypatch, tiny_model) -> Iterator[AppTest]:
+    """The page with no shipped models (so tests do not depend on what is trained) and the tiny checkpoint
+    offered as ``neuromap app --model`` would."""
+    monkeypatch.setattr(neuromap.segment, "shipped_models", lambda: {})
+    monkeypatch.setenv("NEUROMAP_APP_MODEL", str(tiny_model))
+    monkeypatch.delenv("NEUROMAP_APP_MAX_UPLOAD_MB", raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    yield at.run()
+    if "workspace" in at.session_state:
+        at.session_state.workspace.cleanup()
+
+
+def uploads(folder: Path) -> list[tuple[str, bytes, str]]:
+    return [(p.name, p.read_bytes(), "application/octet-stream") for p in sorted(folder.iterdir())]
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def downloads(at: AppTest, served: dict) -> dict[str, bytes]:
+    """Download-button label -> the bytes behind its URL."""
+    out = {}
+    for element in at.get("download_button"):
+        file_id = Path(element.proto.url).stem
+        out[element.label] = served[file_id]
+    return out
+
+
+def text_of(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+# ------------------------------------------------------------------------------------------------ whole page
+
+
+def test_page_shows_title_notice_and_upload_hint(app):
+    assert "NeuroMap" in app.title[0].value
+    assert "Research use only" in text_of(app.warning)
+    assert "Upload the MRI sequences" in text_of(app.info)
+    assert not app.exception
+
+
+def test_upload_segment_table_and_downloads(app, media, tmp_path):
+    case = write_synthetic_case(tmp_path / "in", "Syn_007", shape=(48, 40, 24))
+    app.file_uploader[0].set_value(uploads(case)).run()
+    choices = {s.label: s.value for s in app.selectbox if s.label.startswith("Sequence of")}
+    assert choices == {"Sequence of Syn_007_flair.nii.gz": "flair", "Sequence of Syn_007_seg.nii.gz": IGNORE,
+                       "Sequence of Syn_007_t1.nii.gz": "t1", "Sequence of Syn_007_t1ce.nii.gz": "t1ce",
+                       "Sequence of Syn_007_t2.nii.gz": "t2"}
+    button(app, "Segment").click().run()
+    assert not app.exception and not app.error, text_of(app.error)
+
+    table = app.table[0].value
+    assert list(table["Region"]) == ["NCR/NET", "ED", "ET", "WT", "TC"]
+    files = downloads(app, media)
+    report = json.loads(files["Report (JSON)"])
+    expected = [f"{report['volumes_ml'][k]:.2f}" for k in ("NCR", "ED", "ET", "WT", "TC")]
+    assert list(table["Volume (mL)"]) == expected
+    assert report["research_use_only"] and report["case_id"] == "Syn_007"
+
+    source = nib.load(str(case / "Syn_007_t1.nii.gz"))
+    labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
+    assert labels.shape == source.shape
+    assert np.array_equal(labels.affine, source.affine)
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2, 4}
+    assert files["Overlay (PNG)"].startswith(b"\x89PNG")
+    # Viewer widgets exist and re-render on change without errors.
+    app.slider(key="axial_1").set_value(1).run()
+    app.checkbox(key="show_2_1").uncheck().run()
+    app.selectbox(key="bg_1").set_value("t1ce").run()
+    assert not app.exception
+
+
+def test_zip_upload_with_uploaded_checkpoint(app, media, tmp_path, tiny_model):
+    case = write_synthetic_case(tmp_path / "Case9", "Case9", shape=(40, 40, 20), layout="plain", with_seg=False)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in case.iterdir():
+            zf.write(path, f"Case9/{path.name}")
+        zf.writestr("Case9/notes.txt", "not a scan")
+    app.radio[0].set_value("Case folder as .zip").run()
+    app.file_uploader[0].set_value(("Case9.zip", archive.getvalue(), "application/zip")).run()
+    assert "notes.txt" in text_of(app.caption)
+    app.selectbox(key="model_choice").set_value("upload").run()
+    assert button(app, "Segment").disabled  # no checkpoint uploaded yet
+    app.file_uploader[1].set_value(("tiny.pt", tiny_model.read_bytes(), "application/octet-stream")).run()
+    button(app, "Segment").click().run()
+    assert not app.error, text_of(app.error)
+    report = json.loads(downloads(app, media)["Report (JSON)"])
+    assert report["case_id"] == "Case9"  # plain names: the zip's name becomes the case id
+    workspace = app.session_state.workspace.root
+    assert Path(report["model"]["files"][0]).is_relative_to(workspace)
+    assert all(Path(p).is_relative_to(workspace) for p in report["inputs"].values())
+
+
+def test_bad_checkpoint_is_a_message_not_a_traceback(app, tmp_path):
+    case = write_synthetic_case(tmp_path / "in", "B1", shape=(32, 32, 16), with_seg=False)
+    app.file_uploader[0].set_value(uploads(case)).run()
+    app.selectbox(key="model_choice").set_value("upload").run()
+    app.file_uploader[1].set_value(("weights.pt", b"not a checkpoint", "application/octet-stream")).run()
+    button(app, "Segment").click().run()
+    assert "not a readable checkpoint" in text_of(app.error)
+    assert not app.exception and "result" not in app.session_state
+
+
+def test_page_refuses_text_named_nii_gz(app):
+    app.file_uploader[0].set_value(("scan_flair.nii.gz", b"hello, I am text\n", "application/gzip")).run()
+    assert "content is text" in text_of(app.error)
+    assert not [b for b in app.button if b.label == "Segment"]
+    assert not any(app.session_state.workspace.root.iterdir())  # nothing was kept
+
+
+def test_page_enforces_the_total_size_limit(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("NEUROMAP_APP_MAX_UPLOAD_MB", "0.05")
+    limited = AppTest.from_file(str(APP), default_timeout=120).run()  # the limit is part of the widget's identity
+    case = write_synthetic_case(tmp_path / "in", "Big", shape=(48, 48, 32), with_seg=False)  # 4 x ~30 kB
+    limited.file_uploader[0].set_value(uploads(case)).run()
+    assert "more than the limit of 0.05 MB per case" in text_of(limited.error)
+    limited.session_state.workspace.cleanup()
+
+
+def test_bad_limit_setting_is_shown_on_the_page(monkeypatch):
+    monkeypatch.setenv("NEUROMAP_APP_MAX_UPLOAD_MB", "lots")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert "'lots' is not a positive number of megabytes" in text_of(at.error) and not at.exception
+
+
+def test_two_files_for_one_sequence_is_a_clear_error(app, tmp_path):
+    case = write_synthetic_case(tmp_path / "in", "Dup", shape=(32, 32, 16), with_seg=False)
+    app.file_uploader[0].set_value(uploads(case)).run()
+    app.selectbox(key="seq_0_1").set_value("flair").run()  # files are sorted: flair, t1, ...
+    button(app, "Segment").click().run()
+    assert "are both set to flair" in text_of(app.error)
+    assert "result" not in app.session_state
+
+
+def test_start_over_deletes_the_session_files(app, tmp_path):
+    case = write_synthetic_case(tmp_path / "in", "R1", shape=(32, 32, 16), with_seg=False)
+    app.file_uploader[0].set_value(uploads(case)).run()
+    button(app, "Segment").click().run()
+    root = app.session_state.workspace.root
+    assert (root / "out").is_dir() and (root / "uploads").is_dir()
+    button(app, "Start over").click().run()
+    assert root.is_dir() and not any(root.iterdir())
+    assert "result" not in app.session_state and not app.table
+
+
+# ------------------------------------------------------------------------------------------------ safety rules
+
+
+def nifti_gz_bytes(shape=(4, 4, 3)) -> bytes:
+    return gzip.compress(nib.Nifti1Image(np.ones(shape, np.int16), np.eye(4)).to_bytes())
+
+
+def zip_bytes(entries: dict[str, bytes], symlinks: tuple[str, ...] = ()) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        for name in symlinks:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    buffer.seek(0)
+    return buffer
+
+
+def test_oversized_upload_is_refused(tmp_path):
+    files = [("a_t1.nii.gz", nifti_gz_bytes()), ("a_t2.nii.gz", b"\0" * (2 * MB))]
+    with pytest.raises(NeuroMapError, match=r"upload is 2\.0 MB, more than the limit of 1 MB per case"):
+        stage_uploads(files, tmp_path / "up", limit_bytes=MB)
+    assert not (tmp_path / "up").exists()
+
+
+def test_text_file_named_nii_gz_is_refused():
+    with pytest.raises(NeuroMapError, match=r"notes_t1\.nii\.gz: named \.nii\.gz but its content is text"):
+        check_nifti_header("notes_t1.nii.gz", b"patient notes, not an image\n")
+
+
+@pytest.mark.parametrize(("name", "data", "message"), [
+    ("x_t1.nii.gz", gzip.compress(b"just text inside gzip" * 40), "no NIfTI-1/NIfTI-2 header"),
+    ("x_t1.nii.gz", b"\x1f\x8b" + b"\x00" * 600, "damaged gzip data"),
+    ("x_t1.nii", b"\x00" * 600, "no NIfTI-1/NIfTI-2 header"),
+    ("x_t1.dcm", b"DICM", "not a NIfTI file name"),
+])
+def test_other_non_nifti_content_is_refused(name, data, message):
+    with pytest.raises(NeuroMapError, match=message):
+        check_nifti_header(name, data)
+
+
+def test_real_nifti_1_and_2_headers_pass():
+    check_nifti_header("a.nii.gz", nifti_gz_bytes())
+    check_nifti_header("a.nii", nib.Nifti1Image(np.ones((2, 2, 2), np.int16), np.eye(4)).to_bytes()[:544])
+    check_nifti_header("a.nii", nib.Nifti2Image(np.ones((2, 2, 2), np.int16), np.eye(4)).to_bytes()[:544])
+
+
+@pytest.mark.parametrize(("entries", "symlinks", "message"), [
+    ({"case/a_t1.nii.gz": b"", "../evil_t2.nii.gz": b""}, (), r"points outside the archive \(\.\.\)"),
+    ({"case/../../evil_t2.nii.gz": b""}, (), r"points outside the archive"),
+    ({"/etc/evil_t1.nii.gz": b""}, (), "has an absolute path"),
+    ({"C:/evil_t1.nii.gz": b""}, (), "has an absolute path"),
+    ({"case/a_t1.nii.gz": b""}, ("case/a_t2.nii.gz",), "is a symbolic link"),
+])
+def test_dangerous_zip_entries_are_refused_before_extraction(tmp_path, entries, symlinks, message):
+    archive = zip_bytes({name: data or nifti_gz_bytes() for name, data in entries.items()}, symlinks)
+    with pytest.raises(NeuroMapError, match=message):
+        extract_case_zip(archive, tmp_path / "dest", limit_bytes=10 * MB)
+    assert not (tmp_path / "dest").exists()
+    assert not (tmp_path.parent / "evil_t2.nii.gz").exists()
+
+
+def test_zip_size_limit_and_one_case_rule(tmp_path):
+    big = zip_bytes({"c/a_t1.nii": b"\0" * (2 * MB)})
+    with pytest.raises(NeuroMapError, match="more than the limit of 1 MB"):
+        extract_case_zip(big, tmp_path / "d1", limit_bytes=MB)
+    two = zip_bytes({"c1/a_t1.nii.gz": nifti_gz_bytes(), "c2/b_t1.nii.gz": nifti_gz_bytes()})
+    with pytest.raises(NeuroMapError, match="several folders"):
+        extract_case_zip(two, tmp_path / "d2", limit_bytes=MB)
+    fake = zip_bytes({"c/a_t1.nii.gz": nifti_gz_bytes(), "c/b_t2.nii.gz": b"text, not gzip"})
+    with pytest.raises(NeuroMapError, match=r"b_t2\.nii\.gz: named \.nii\.gz but its content is text"):
+        extract_case_zip(fake, tmp_path / "d3", limit_bytes=MB)
+    assert not (tmp_path / "d3").exists()  # the entry extracted before the bad one is removed too
+    with pytest.raises(NeuroMapError, match="not a readable zip"):
+        extract_case_zip(io.BytesIO(b"PK not really"), tmp_path / "d4", limit_bytes=MB)
+
+
+def test_good_zip_is_flattened_with_guessed_sequences(tmp_path):
+    archive = zip_bytes({"P1/P1-t1c.nii.gz": nifti_gz_bytes(), "P1/P1-t2f.nii.gz": nifti_gz_bytes(),
+                         "__MACOSX/P1/._P1-t1c.nii.gz": b"junk", "P1/README": b"text"})
+    staged, ignored = extract_case_zip(archive, tmp_path / "d", limit_bytes=MB)
+    assert [(s.name, s.guess) for s in staged] == [("P1-t1c.nii.gz", "t1ce"), ("P1-t2f.nii.gz", "flair")]
+    assert all(s.path.parent == tmp_path / "d" for s in staged)
+    assert ignored == ["__MACOSX/P1/._P1-t1c.nii.gz", "P1/README"]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("Brats18_2013_2_1_t1ce.nii.gz", "t1ce"), ("BraTS-GLI-00001-000-t2f.nii.gz", "flair"),
+    ("flair.nii", "flair"), ("P7_fla.nii.gz", "flair"), ("Brats18_x_seg.nii.gz", IGNORE),
+    ("scan_0003.nii.gz", IGNORE), ("../../t2.nii.gz", "t2"),
+])
+def test_sequence_guess_from_file_name(name, expected):
+    assert guess_modality(name) == expected
+
+
+def test_case_folder_uses_chosen_sequences_and_refuses_duplicates(tmp_path):
+    a, b = tmp_path / "one.nii.gz", tmp_path / "two.nii.gz"
+    a.write_bytes(nifti_gz_bytes())
+    b.write_bytes(nifti_gz_bytes())
+    folder = build_case_folder({a: "t1ce", b: "flair"}, tmp_path / "case", "P1")
+    assert sorted(p.name for p in folder.iterdir()) == ["P1_flair.nii.gz", "P1_t1ce.nii.gz"]
+    with pytest.raises(NeuroMapError, match="both set to t1"):
+        build_case_folder({a: "t1", b: "t1"}, tmp_path / "case2", "P1")
+    with pytest.raises(NeuroMapError, match="no file is assigned"):
+        build_case_folder({a: IGNORE}, tmp_path / "case3", "P1")
+    assert case_id_from_names(["Brats18_A_1_t1.nii.gz", "Brats18_A_1_flair.nii.gz"]) == "Brats18_A_1"
+    assert case_id_from_names(["t1.nii.gz", "flair.nii.gz"], "zipname") == "zipname"
+
+
+def test_workspace_is_deleted_on_cleanup_and_when_dropped(tmp_path):
+    ws = Workspace(tmp_path)
+    (ws.sub("uploads") / "x").write_text("x")
+    ws.clear("uploads")
+    assert ws.root.is_dir() and not (ws.root / "uploads").exists()
+    ws.cleanup()
+    assert not ws.root.exists()
+    dropped = Workspace(tmp_path)
+    root = dropped.root
+    del dropped
+    gc.collect()
+    assert not root.exists()
+
+
+# ------------------------------------------------------------------------------------------------ viewer, CLI
+
+
+def test_render_slice_colours_labels_in_mm_proportions():
+    from neuromap.app import render_slice
+
+    background = np.zeros((10, 20, 6), np.float32)
+    labels = np.zeros((10, 20, 6), np.uint8)
+    labels[2, 5, 3] = 3  # ET
+    picture = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2, 3})
+    assert picture.shape == (20, 10, 3) and picture.dtype == np.uint8
+    assert tuple(picture[20 - 1 - 5, 2]) == (255, 216, 0)  # yellow, anterior (high y) up
+    hidden = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2})
+    assert not hidden.any()
+    sagittal = render_slice(background, labels, 0, 2, (1.0, 1.0, 2.0), (0.0, 1.0), 0.5, {3})
+    assert sagittal.shape == (12, 20, 3)  # 6 slices of 2 mm shown 12 px high
+
+
+def test_cli_app_runs_streamlit_on_localhost(monkeypatch, tiny_model):
+    started = []
+
+    class FakeServer:
+        def __init__(self, command, env):
+            started.append((command, env))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", FakeServer)
+    assert cli.main(["app", "--port", "8765", "--max-upload-mb", "50", "--model", str(tiny_model)]) == 0
+    command, env = started[0]
+    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("neuromap/app.py")
+    flags = dict(zip(command[5::2], command[6::2], strict=True))
+    assert flags["--server.headless"] == "true" and flags["--server.address"] == "127.0.0.1"
+    assert flags["--server.port"] == "8765" and flags["--server.maxUploadSize"] == "50"
+    assert env["NEUROMAP_APP_MAX_UPLOAD_MB"] == "50.0" and env["NEUROMAP_APP_MODEL"] == str(tiny_model)
+    assert cli.main(["app", "--model", "/no/such.pt"]) == cli.EXIT_USER_ERROR
+    assert cli.main(["app", "--max-upload-mb", "0"]) == cli.EXIT_USER_ERROR
