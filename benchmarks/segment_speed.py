@@ -29,7 +29,7 @@ DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_2013_2_1
 
 
 def run_neuromap(case: str, model: str | None, out: str) -> None:
-    from neuromap.segment import segment
+    from neuromap.segmentation import segment
 
     segment(case, out, model=model, overwrite=True)
 
@@ -42,7 +42,7 @@ def run_monai_reference(case: str, model: str | None, out: str) -> None:
 
     from neuromap.checkpoint import load_model
     from neuromap.io import discover_cases
-    from neuromap.segment import resolve_model_paths
+    from neuromap.segmentation import resolve_model_paths
 
     (c,) = discover_cases(case)
     net, spec = load_model(resolve_model_paths(model, c.modalities)[0])

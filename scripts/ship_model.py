@@ -18,7 +18,7 @@ from pathlib import Path
 from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from neuromap.evaluation import evaluate
 from neuromap.io import discover_cases
-from neuromap.segment import WEIGHTS_DIR, segment
+from neuromap.segmentation import WEIGHTS_DIR, segment
 
 
 def measure(weights: Path, case_dirs: list[Path], gt_root: Path, task: str) -> dict:

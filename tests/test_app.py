@@ -20,7 +20,7 @@ import torch
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-import neuromap.segment
+import neuromap.segmentation
 from neuromap import cli
 from neuromap.checkpoint import ModelSpec, save_checkpoint
 from neuromap.config import ModelConfig, PreprocessConfig
@@ -73,7 +73,7 @@ def media(monkeypatch) -> dict:
 def app(monkeypatch, tiny_model) -> Iterator[AppTest]:
     """The page with no shipped models (so tests do not depend on what is trained) and the tiny checkpoint
     offered as ``neuromap app --model`` would."""
-    monkeypatch.setattr(neuromap.segment, "shipped_models", lambda: {})
+    monkeypatch.setattr(neuromap.segmentation, "shipped_models", lambda: {})
     monkeypatch.setenv("NEUROMAP_APP_MODEL", str(tiny_model))
     monkeypatch.delenv("NEUROMAP_APP_MAX_UPLOAD_MB", raising=False)
     at = AppTest.from_file(str(APP), default_timeout=120)

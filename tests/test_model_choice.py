@@ -7,7 +7,7 @@ import pytest
 from neuromap.checkpoint import ModelSpec, save_checkpoint
 from neuromap.config import ModelConfig, PreprocessConfig
 from neuromap.errors import NeuroMapError
-from neuromap.segment import resolve_model_paths, segment
+from neuromap.segmentation import resolve_model_paths, segment
 from neuromap.synthetic import write_synthetic_case
 
 
@@ -16,19 +16,27 @@ def weights_dir(tmp_path, monkeypatch):
     folder = tmp_path / "weights"
     folder.mkdir()
     index = {}
+    val = {"full": {"WT": 0.9, "TC": 0.8, "ET": 0.7}, "reduced": {"WT": 0.85, "TC": 0.75, "ET": 0.7}}
     for name, mods in {"full": ["t1", "t1ce", "t2", "flair"], "reduced": ["t1ce", "flair"]}.items():
         spec = ModelSpec(ModelConfig(name="unet2d", spatial_dims=2, options={"features": [4, 4, 8, 8, 16, 4]}),
                          PreprocessConfig(mode="2d", slice_size=(32, 32), modalities=mods), "brats", (32, 32), 4)
         save_checkpoint(folder / f"{name}.pt", spec, spec.build().state_dict())
-        index[name] = {"file": f"{name}.pt", "modalities": mods, "task": "brats"}
+        index[name] = {"file": f"{name}.pt", "modalities": mods, "task": "brats", "val_dice": val[name]}
     (folder / "models.json").write_text(json.dumps(index))
-    monkeypatch.setattr("neuromap.segment.WEIGHTS_DIR", folder)
+    monkeypatch.setattr("neuromap.segmentation.WEIGHTS_DIR", folder)
     return folder
 
 
 def test_full_case_gets_the_four_sequence_model(weights_dir):
     assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "full.pt"]
     assert resolve_model_paths("reduced", ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
+
+
+def test_better_measured_model_wins_when_both_fit(weights_dir):
+    index = json.loads((weights_dir / "models.json").read_text())
+    index["reduced"]["val_dice"] = {"WT": 0.95, "TC": 0.9, "ET": 0.8}
+    (weights_dir / "models.json").write_text(json.dumps(index))
+    assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
 
 
 def test_case_without_t1_and_t2_gets_the_reduced_model(tmp_path, weights_dir):

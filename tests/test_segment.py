@@ -12,7 +12,7 @@ from conftest import BRATS, UNLABELLED, needs_real_data
 
 from neuromap.cli import main
 from neuromap.errors import NeuroMapError
-from neuromap.segment import segment
+from neuromap.segmentation import segment
 from neuromap.synthetic import write_synthetic_case
 
 
@@ -72,7 +72,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, tiny_checkpoint, synthetic
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("neuromap.segment.nib.save", broken_save)
+    monkeypatch.setattr("neuromap.segmentation.nib.save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         segment(synthetic_case, tmp_path / "out", model=tiny_checkpoint)
     assert list((tmp_path / "out").iterdir()) == []

@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 
 def segment(*args, **kwargs):
-    """See `neuromap.segment.segment` (imported lazily: torch/MONAI load only when needed)."""
-    from neuromap.segment import segment as _segment
+    """See `neuromap.segmentation.segment` (imported lazily: torch/MONAI load only when needed)."""
+    from neuromap.segmentation import segment as _segment
 
     return _segment(*args, **kwargs)
 

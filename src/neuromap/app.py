@@ -1,7 +1,7 @@
 """NeuroMap web app (Streamlit): upload one case, segment it, inspect the result, download the files.
 
 Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then
-`neuromap.segment.segment` runs exactly as for ``neuromap segment`` and writes the label NIfTI (input grid and
+`neuromap.segmentation.segment` runs exactly as for ``neuromap segment`` and writes the label NIfTI (input grid and
 affine), report JSON and overlay PNG into the session's private temp folder; the viewer and the downloads read
 those files. Start it with ``neuromap app`` (localhost only); settings come from environment variables that
 command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and ``NEUROMAP_APP_MODEL`` (a checkpoint
@@ -24,7 +24,7 @@ from neuromap.config import MODALITIES
 from neuromap.errors import NeuroMapError
 from neuromap.labels import to_internal
 from neuromap.report import COLOURS, LEGEND, RESEARCH_NOTICE, tumour_centre
-from neuromap.segment import segment, shipped_models
+from neuromap.segmentation import segment, shipped_models
 from neuromap.webapp_io import (
     DEFAULT_MAX_UPLOAD_MB,
     IGNORE,

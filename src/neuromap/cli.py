@@ -96,9 +96,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _volumes_text(report: dict) -> str:
+    """'WT 12.3 mL, TC ...' for BraTS models, 'abnormality ...' for binary ones; voxels where spacing is unknown."""
+    volumes, voxels = report["volumes_ml"], report["volume_voxels"]
+    return ", ".join(
+        f"{k} {volumes[k]:.1f} mL" if volumes[k] is not None else f"{k} {voxels[k]} voxels"
+        for k in ("WT", "TC", "ET", "abnormality") if k in volumes
+    )
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.config import InferenceConfig
-    from neuromap.segment import segment
+    from neuromap.segmentation import segment
 
     mapping = _parse_map(args.map)
     cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
@@ -109,9 +118,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     results = segment(inputs, args.output_dir, model=models, labels=args.labels, overwrite=args.overwrite,
                       progress=not args.quiet, cfg=cfg)
     for r in results:
-        v = r.report["volumes_ml"]
-        print(f"{r.case_id}: WT {v['WT']:.1f} mL, TC {v['TC']:.1f} mL, ET {v['ET']:.1f} mL "
-              f"({r.report['timings_s']['total_s']:.1f} s) -> {r.files.get('seg.nii.gz')}")
+        print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
+              f"-> {r.labels_output}")
         for w in r.report["warnings"]:
             print(f"  warning: {w}")
     print("Research use only.")
@@ -125,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        gt_labels=args.gt_labels, hd95=not args.no_hd95, overwrite=args.overwrite,
                        allow_missing=args.allow_missing, task=args.task)
     print(format_table(summary))
-    print(f"wrote metrics.csv, summary.json, boxplot.png to {args.output_dir}")
+    print(f"wrote {', '.join(Path(p).name for p in summary['files'].values())} to {args.output_dir}")
     return 0
 
 
@@ -133,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Segment a generated case (always possible) and, when the team's data folder is there, a real one."""
     from neuromap.io import discover_cases
     from neuromap.labels import region_masks
-    from neuromap.segment import segment
+    from neuromap.segmentation import segment
     from neuromap.synthetic import synthetic_arrays, write_synthetic_case
 
     out = Path(args.output_dir)
@@ -171,7 +179,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from neuromap.segment import shipped_models
+    from neuromap.segmentation import shipped_models
 
     if importlib.util.find_spec("streamlit") is None:
         raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
@@ -229,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("segment", help="segment case(s): label NIfTI, report JSON and overlay PNG per case")
+    p = sub.add_parser("segment", help="segment case(s): label NIfTI (LGG slice folders: per-slice mask TIFFs), "
+                       "report JSON and overlay PNG per case")
     p.add_argument("inputs", nargs="*", help="case folder(s) or a folder of cases")
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--model", nargs="+", help="shipped model name or checkpoint path; several = ensemble")

@@ -42,6 +42,11 @@ class PreprocessConfig(Strict):
     modalities: list[str] = Field(default_factory=lambda: list(MODALITIES))
     orientation: Literal["RAS"] = "RAS"
     crop_margin: int = Field(4, ge=0, description="voxels kept around the brain mask's bounding box")
+    foreground: Literal["nonzero", "otsu"] = Field(
+        "nonzero",
+        description="brain mask when no mask file is given: 'nonzero' voxels (skull-stripped scans such as BraTS), "
+        "or 'otsu': the head above an Otsu threshold (scans with skull and background noise, e.g. LGG kaggle_3m)",
+    )
     normalize: bool = True
     n4: bool = False
     spacing: tuple[float, float, float] | None = Field(None, description="target voxel size in mm, None = keep")
@@ -189,6 +194,9 @@ class InferenceConfig(Strict):
     sw_batch_size: int = Field(2, ge=1)
     slice_batch_size: int = Field(32, ge=1)
     min_component_ml: float = Field(0.1, ge=0, description="drop tumour components smaller than this (mL)")
+    min_component_voxels: int = Field(
+        50, ge=0, description="the same in voxels, used instead when the voxel size is unknown (LGG slices)"
+    )
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)

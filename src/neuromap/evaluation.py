@@ -6,6 +6,14 @@ segmentation count) or a flat folder of label NIfTIs. Predictions are label NIfT
 a label file is its name without the NIfTI extension and a trailing ``_seg``, ``-seg`` or ``_pred``; the id of a
 case folder is the folder name.
 
+LGG kaggle_3m slice folders (task "binary"): the ground truth is the patient folders' ``<case>_<N>_mask.tif``,
+the predictions are ``<case_id>/`` folders of ``<case>_<N>_pred_mask.tif`` (what ``neuromap segment`` writes),
+paired slice by slice on N. Each patient is scored in 3D over its slice stack (metrics.csv) and each slice in
+2D (metrics_per_slice.csv). The spacing is unknown, so HD95 is in voxels (pixels within a slice) and sizes are
+voxel counts. Per slice, the empty-mask conventions of `neuromap.metrics` apply: a slice where both masks are
+empty scores Dice 1; since most slices are empty, the summary also gives the mean over the slices whose
+ground truth has abnormality, the number that says how well abnormality is delineated.
+
 Label conventions are per file: "auto" takes the convention of the dataset layout when it fixes one (MSD, BraTS
 2023) and otherwise guesses from the values present (`neuromap.labels.guess_convention`). A BraTS 2012-2016 file
 that happens to contain 3 but no 4 is read as BraTS 2023 by the guess, so name such datasets explicitly
@@ -31,6 +39,7 @@ from neuromap.config import MODALITY_ALIASES
 from neuromap.errors import NeuroMapError
 from neuromap.io import ImageRef, discover_cases, write_bytes_atomic
 from neuromap.io.cases import _split_token, nifti_stem
+from neuromap.io.lgg import PRED_NAME, lgg_mask_files, read_lgg_masks
 from neuromap.io.nifti import AFFINE_TOLERANCE, _open, _read, _spatial_shape
 from neuromap.labels import CONVENTIONS, as_integral, guess_convention, to_internal
 from neuromap.metrics import CONVENTIONS_TEXT, binary_case_metrics, case_metrics
@@ -38,21 +47,44 @@ from neuromap.report import RESEARCH_NOTICE
 
 LABEL_SUFFIXES = ("_seg", "-seg", "_pred")
 OUTPUT_NAMES = ("metrics.csv", "summary.json", "boxplot.png")
-ID_COLUMNS = ("case_id", "structure", "kind")
+SLICE_OUTPUT = "metrics_per_slice.csv"
+ID_COLUMNS = ("case_id", "slice", "structure", "kind")
 # task -> metrics function producing one row per structure; evaluation never lists structures itself.
 TASKS: dict[str, Callable[..., list[dict]]] = {"brats": case_metrics, "binary": binary_case_metrics}
 TABLE_METRICS = (("dice", "Dice"), ("iou", "IoU"), ("sensitivity", "Sens"), ("precision", "Prec"),
-                 ("hd95", "HD95 (mm)"))
-BOXPLOT_METRICS = (("dice", "Dice"), ("hd95", "HD95 (mm)"))
+                 ("specificity", "Spec"), ("accuracy", "Acc"), ("hd95", "HD95"))
+BOXPLOT_METRICS = (("dice", "Dice"), ("hd95", "HD95"))
+HD95_UNITS = {False: "mm", True: "voxels (spacing unknown; pixels within a slice)"}  # keyed by "slice folders"
+SLICE_CONVENTION = (
+    "Per slice: 2D metrics on each slice, HD95 in pixels. Empty masks follow the conventions above: a slice "
+    "where prediction and ground truth are both empty scores dice/iou/sensitivity/precision/specificity 1 and "
+    "hd95 0; a false positive on an empty slice scores dice 0 and hd95 = the slice diagonal. Most slices are "
+    "empty, which inflates the mean over all slices: 'slices_with_ground_truth' averages only the slices whose "
+    "ground truth has abnormality."
+)
 
 
 @dataclass(frozen=True)
 class LabelFile:
-    """A label map for one case; ``convention`` is fixed by the dataset layout, or None to decide per file."""
+    """A label map for one case; ``convention`` is fixed by the dataset layout, or None to decide per file.
+    ``path`` is a label NIfTI, or a slice folder (LGG) of binary mask TIFFs."""
 
     case_id: str
     path: Path
     convention: str | None = None
+
+    @property
+    def is_slice_folder(self) -> bool:
+        return self.path.is_dir()
+
+
+@dataclass
+class PairResult:
+    """Metric rows of one matched pair: per case, and per slice for slice folders (else empty)."""
+
+    rows: list[dict]
+    conventions: dict[str, str]
+    slice_rows: list[dict]
 
 
 def case_id_of(path: Path) -> str:
@@ -93,7 +125,8 @@ def _folder(root: str | Path, side: str) -> Path:
 
 
 def prediction_files(root: str | Path) -> dict[str, LabelFile]:
-    """Predicted label maps by case id: NIfTIs directly in ``root``, or one ``*_seg``/``_pred`` per case folder."""
+    """Predicted label maps by case id: NIfTIs directly in ``root``, one ``*_seg``/``_pred`` per case folder, or
+    case folders of per-slice ``*_pred_mask.tif`` (LGG)."""
     root = _folder(root, "prediction")
     found = [LabelFile(case_id_of(p), p) for p in _nifti_files(root)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -104,10 +137,12 @@ def prediction_files(root: str | Path) -> dict[str, LabelFile]:
                 "Fix: keep one *_seg.nii.gz per case folder."
             )
         found += [LabelFile(sub.name, p) for p in labels]
+        if not labels and any(PRED_NAME.match(p.name) for p in sub.iterdir()):
+            found.append(LabelFile(sub.name, sub, "binary"))
     if not found:
         raise NeuroMapError(
-            f"{root}: no predictions found (expected <case_id>_seg.nii.gz files, or case folders holding one). "
-            "Fix: point to the output folder of `neuromap segment`."
+            f"{root}: no predictions found (expected <case_id>_seg.nii.gz files, case folders holding one, or case "
+            "folders of <slice>_pred_mask.tif). Fix: point to the output folder of `neuromap segment`."
         )
     return _index(found, "predictions")
 
@@ -162,12 +197,28 @@ def _check_convention(name: str, what: str) -> None:
         )
 
 
-def pair_grid(pred: LabelFile, gt: LabelFile) -> tuple[float, ...]:
+def pair_grid(pred: LabelFile, gt: LabelFile) -> tuple[float, ...] | None:
     """Check from the headers that the prediction lies on the ground truth's voxel grid; return the voxel size in mm.
 
     Shape and voxel size must match (within AFFINE_TOLERANCE). A different affine with the same shape and voxel
     size (e.g. another origin or axis flip) is only warned about: metrics compare the arrays voxel by voxel.
+    Slice folders must hold the same slice numbers (their size is checked when read); their spacing is unknown,
+    so None is returned.
     """
+    if pred.is_slice_folder or gt.is_slice_folder:
+        if not (pred.is_slice_folder and gt.is_slice_folder):
+            raise NeuroMapError(
+                f"case '{gt.case_id}': {pred.path} and {gt.path} are not both slice folders or both label NIfTIs. "
+                "Fix: compare LGG slice predictions with the LGG patient folders."
+            )
+        pred_numbers, gt_numbers = set(lgg_mask_files(pred.path, True)), set(lgg_mask_files(gt.path, False))
+        if pred_numbers != gt_numbers:
+            raise NeuroMapError(
+                f"slice mismatch for case '{gt.case_id}': prediction {pred.path} lacks slices "
+                f"{sorted(gt_numbers - pred_numbers)}, ground truth {gt.path} lacks masks for slices "
+                f"{sorted(pred_numbers - gt_numbers)}. Fix: segment the complete patient folder."
+            )
+        return None
     pred_img, gt_img = _open(pred.path, "prediction"), _open(gt.path, "ground truth")
     pred_shape, gt_shape = _spatial_shape(pred_img, ImageRef(pred.path)), _spatial_shape(gt_img, ImageRef(gt.path))
     if pred_shape != gt_shape:
@@ -202,16 +253,39 @@ def _load_labels(item: LabelFile, requested: str, task: str) -> tuple[np.ndarray
     return (labels != 0 if task == "binary" else labels), convention
 
 
+def _load_slices(pred: LabelFile, gt: LabelFile) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Binary (rows, cols, N) stacks of a pair of slice folders and their slice numbers."""
+    gt_files = lgg_mask_files(gt.path, predicted=False)
+    gt_arr = read_lgg_masks(gt_files)
+    pred_arr = read_lgg_masks(lgg_mask_files(pred.path, predicted=True))
+    if pred_arr.shape != gt_arr.shape:
+        raise NeuroMapError(
+            f"shape mismatch for case '{gt.case_id}': predicted masks in {pred.path} are {pred_arr.shape[:2]}, "
+            f"ground-truth masks in {gt.path} {gt_arr.shape[:2]}. Fix: predict on the original slices."
+        )
+    return pred_arr, gt_arr, list(gt_files)
+
+
 def evaluate_pair(
     pred: LabelFile, gt: LabelFile, pred_labels: str = "auto", gt_labels: str = "auto", hd95: bool = True,
     task: str = "brats",
-) -> tuple[list[dict], dict[str, str]]:
-    """Metric rows (with case_id) for one matched pair, and the label conventions used for each side."""
+) -> PairResult:
+    """Metric rows (with case_id) for one matched pair, the label conventions used for each side, and for slice
+    folders one row per slice (with its slice number), scored in 2D by the same metrics function."""
     spacing = pair_grid(pred, gt)
-    pred_arr, pred_conv = _load_labels(pred, pred_labels, task)
-    gt_arr, gt_conv = _load_labels(gt, gt_labels, task)
-    rows = [{"case_id": gt.case_id, **row} for row in TASKS[task](pred_arr, gt_arr, spacing, hd95=hd95)]
-    return rows, {"prediction": pred_conv, "ground_truth": gt_conv}
+    metrics = TASKS[task]
+    if not gt.is_slice_folder:
+        pred_arr, pred_conv = _load_labels(pred, pred_labels, task)
+        gt_arr, gt_conv = _load_labels(gt, gt_labels, task)
+        rows = [{"case_id": gt.case_id, **row} for row in metrics(pred_arr, gt_arr, spacing, hd95=hd95)]
+        return PairResult(rows, {"prediction": pred_conv, "ground_truth": gt_conv}, [])
+    pred_arr, gt_arr, numbers = _load_slices(pred, gt)
+    rows = [{"case_id": gt.case_id, **row} for row in metrics(pred_arr, gt_arr, None, hd95=hd95)]
+    slice_rows = [
+        {"case_id": gt.case_id, "slice": number, **row}
+        for z, number in enumerate(numbers) for row in metrics(pred_arr[..., z], gt_arr[..., z], None, hd95=hd95)
+    ]
+    return PairResult(rows, {"prediction": "binary", "ground_truth": "binary"}, slice_rows)
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:
@@ -241,11 +315,28 @@ def _label(entry: dict) -> str:
     return f"{entry['structure']} ({entry['kind']})"
 
 
+def _hd95_short(summary: dict) -> str:
+    return "HD95 (mm)" if summary.get("hd95_unit", "mm") == "mm" else "HD95 (vox)"
+
+
 def format_table(summary: dict) -> str:
-    """Fixed-width table: one line per structure with mean±std of Dice, IoU, sensitivity, precision, HD95 and n."""
-    entries = summary["structures"]
+    """Fixed-width tables: one line per structure with mean±std of Dice, IoU, sensitivity, precision,
+    specificity, accuracy, HD95 and n; for slice folders also per slice, over all slices and over the slices
+    with ground-truth abnormality."""
+    hd95_title = _hd95_short(summary)
+    if "per_slice" not in summary:
+        return _table(summary["structures"], hd95_title)
+    slices = summary["per_slice"]
+    tables = [("per case (3D over the slice stack)", summary["structures"]),
+              ("per slice, all slices (both empty = Dice 1)", slices["all_slices"]),
+              ("per slice, only slices with ground-truth abnormality", slices["slices_with_ground_truth"])]
+    return "\n\n".join(f"{name}:\n{_table(entries, hd95_title)}" for name, entries in tables if entries)
+
+
+def _table(entries: list[dict], hd95_title: str) -> str:
     width = max(len("structure"), *(len(_label(e)) for e in entries))
-    header = f"{'structure':<{width}}  " + "  ".join(f"{title:>13}" for _, title in TABLE_METRICS) + "    n"
+    titles = [hd95_title if key == "hd95" else title for key, title in TABLE_METRICS]
+    header = f"{'structure':<{width}}  " + "  ".join(f"{title:>13}" for title in titles) + "    n"
     lines = [header, "-" * len(header)]
     for entry in entries:
         cells = []
@@ -260,16 +351,17 @@ def format_table(summary: dict) -> str:
 
 def _csv_bytes(rows: list[dict]) -> bytes:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*ID_COLUMNS, *metric_names(rows)], lineterminator="\n")
+    ids = [k for k in ID_COLUMNS if k in rows[0]]
+    writer = csv.DictWriter(buffer, fieldnames=[*ids, *metric_names(rows)], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode()
 
 
-def _boxplot_png(rows: list[dict], n_cases: int) -> bytes:
+def _boxplot_png(rows: list[dict], n_cases: int, hd95_title: str) -> bytes:
     """Box plots of Dice and HD95 per region, with each case as a dot (samples are small)."""
     regions = list(dict.fromkeys(r["structure"] for r in rows if r["kind"] == "region"))
-    metrics = [(key, title) for key, title in BOXPLOT_METRICS if key in rows[0]]
+    metrics = [(key, hd95_title if key == "hd95" else title) for key, title in BOXPLOT_METRICS if key in rows[0]]
     fig = Figure(figsize=(max(5.0 * len(metrics), 6.5), 4.2))  # wide enough for the notice in the title
     FigureCanvasAgg(fig)
     rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same picture
@@ -297,7 +389,8 @@ def evaluate(
     hd95: bool = True, overwrite: bool = False, allow_missing: bool = False, task: str = "brats",
 ) -> dict:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write metrics.csv, summary.json and
-    boxplot.png into ``out_dir``; returns the summary (as written to summary.json).
+    boxplot.png into ``out_dir`` (for LGG slice folders also metrics_per_slice.csv); returns the summary (as
+    written to summary.json).
 
     ``task`` "brats" scores the regions WT/TC/ET and classes NCR/ED/ET; "binary" scores one "abnormality"
     mask (nonzero voxels). Pairing, voxel grids and existing outputs are checked before any metric is
@@ -310,20 +403,28 @@ def evaluate(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NeuroMapError(f"{out}: output path is a file. Fix: give a folder for the evaluation results.")
-    targets = {name: out / name for name in OUTPUT_NAMES}
+    pairs, unmatched = pair_cases(prediction_files(pred_dir), ground_truth_files(gt_dir), allow_missing)
+    slice_folders = {gt.is_slice_folder for _, gt in pairs}
+    if len(slice_folders) > 1:
+        raise NeuroMapError("the ground truth mixes LGG slice folders and label NIfTIs. Fix: evaluate them apart.")
+    per_slice = slice_folders == {True}
+    if per_slice and task != "binary":
+        raise NeuroMapError("LGG slice folders hold binary abnormality masks. Fix: pass --task binary.")
+    targets = {name: out / name for name in (*OUTPUT_NAMES, *((SLICE_OUTPUT,) if per_slice else ()))}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise NeuroMapError(f"output exists: {', '.join(existing)}. Fix: choose another output folder or --overwrite.")
-    pairs, unmatched = pair_cases(prediction_files(pred_dir), ground_truth_files(gt_dir), allow_missing)
     for pred, gt in pairs:  # headers only: a grid mismatch in the last case fails before minutes of work
         pair_grid(pred, gt)
 
     rows: list[dict] = []
+    slice_rows: list[dict] = []
     used: dict[str, Counter] = {"prediction": Counter(), "ground_truth": Counter()}
     for pred, gt in pairs:
-        case_rows, conventions = evaluate_pair(pred, gt, pred_labels, gt_labels, hd95, task)
-        rows += case_rows
-        for side, name in conventions.items():
+        result = evaluate_pair(pred, gt, pred_labels, gt_labels, hd95, task)
+        rows += result.rows
+        slice_rows += result.slice_rows
+        for side, name in result.conventions.items():
             used[side][name] += 1
 
     summary = {
@@ -335,11 +436,22 @@ def evaluate(
         "unmatched": unmatched,
         "label_conventions": {side: dict(counts) for side, counts in used.items()},
         "conventions": CONVENTIONS_TEXT,
+        "hd95_unit": HD95_UNITS[per_slice],
         "std": "sample standard deviation (ddof=1) over cases; 0 for a single case",
         "structures": summarise(rows),
-        "files": {name: str(path) for name, path in targets.items()},
     }
+    if per_slice:
+        summary["per_slice"] = {
+            "convention": SLICE_CONVENTION,
+            "n_slices": len({(r["case_id"], r["slice"]) for r in slice_rows}),
+            "std": "sample standard deviation (ddof=1) over slices",
+            "all_slices": summarise(slice_rows),
+            "slices_with_ground_truth": summarise([r for r in slice_rows if r["vol_gt_voxels"] > 0]),
+        }
+    summary["files"] = {name: str(path) for name, path in targets.items()}
     write_bytes_atomic(targets["metrics.csv"], _csv_bytes(rows), overwrite)
+    if per_slice:
+        write_bytes_atomic(targets[SLICE_OUTPUT], _csv_bytes(slice_rows), overwrite)
     write_bytes_atomic(targets["summary.json"], json.dumps(summary, indent=2).encode(), overwrite)
-    write_bytes_atomic(targets["boxplot.png"], _boxplot_png(rows, len(pairs)), overwrite)
+    write_bytes_atomic(targets["boxplot.png"], _boxplot_png(rows, len(pairs), _hd95_short(summary)), overwrite)
     return summary

@@ -68,18 +68,25 @@ def probs_to_labels(probs: torch.Tensor | np.ndarray, spec: ModelSpec) -> np.nda
     return labels
 
 
-def postprocess(labels: np.ndarray, voxel_ml: float, cfg: InferenceConfig) -> tuple[np.ndarray, list[str]]:
-    """Drop small disconnected tumour components and a negligible ET (as nnU-Net does for BraTS)."""
+def postprocess(labels: np.ndarray, voxel_ml: float | None, cfg: InferenceConfig) -> tuple[np.ndarray, list[str]]:
+    """Drop small disconnected tumour components and a negligible ET (as nnU-Net does for BraTS).
+
+    ``voxel_ml`` None means the voxel size is unknown (LGG slices): components are then measured in voxels
+    against ``cfg.min_component_voxels``, and the ET rule, which needs mL, is skipped. Binary models only
+    predict label 1 (abnormality, never ET = 3), so for them only the component rule applies. The largest
+    component is always kept, so a prediction is never emptied.
+    """
     labels = labels.copy()
     notes: list[str] = []
+    limit, unit = (cfg.min_component_voxels, "voxels") if voxel_ml is None else (cfg.min_component_ml, "mL")
     components, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
-    if n > 1 and cfg.min_component_ml > 0:
-        sizes = np.bincount(components.ravel())[1:] * voxel_ml
-        small = np.flatnonzero(sizes < cfg.min_component_ml) + 1
+    if n > 1 and limit > 0:
+        sizes = np.bincount(components.ravel())[1:] * (1.0 if voxel_ml is None else voxel_ml)
+        small = np.flatnonzero(sizes < limit) + 1
         if len(small) and len(small) < n:
             labels[np.isin(components, small)] = 0
-            notes.append(f"removed {len(small)} tumour component(s) smaller than {cfg.min_component_ml} mL")
-    et_ml = float((labels == ET).sum() * voxel_ml)
+            notes.append(f"removed {len(small)} tumour component(s) smaller than {limit} {unit}")
+    et_ml = float((labels == ET).sum() * voxel_ml) if voxel_ml is not None else 0.0
     if 0 < et_ml < cfg.et_min_ml:
         labels[labels == ET] = NCR
         notes.append(f"enhancing tumour of {et_ml:.3f} mL (< {cfg.et_min_ml} mL) relabelled as NCR/NET")

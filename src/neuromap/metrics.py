@@ -16,6 +16,9 @@ Definitions (TP/FP/FN/TN are voxel counts of the prediction against the ground t
   structure is penalised rather than dropped from the mean. Not computed (key absent) with ``hd95=False``.
 - vol_pred_ml, vol_gt_ml: voxel count x voxel volume (product of ``spacing``) / 1000; vol_diff_ml = pred - gt.
   For 2D input this is the volume of a 1 mm thick slice.
+- Unknown spacing (``spacing=None``, e.g. LGG kaggle_3m slices): distances are in voxels (pixels in 2D; HD95
+  then counts a slice step as one voxel) and sizes are voxel counts, vol_pred_voxels, vol_gt_voxels and
+  vol_diff_voxels, in place of the mL columns, so no number pretends to be in mm or mL.
 
 Rows from `case_metrics` cover the classes NCR, ED, ET (kind "class") and the BraTS regions WT, TC, ET (kind
 "region"); `binary_case_metrics` has one structure, "abnormality" (kind "region"). Evaluation takes its
@@ -39,7 +42,8 @@ CONVENTIONS_TEXT = (
     "and 0 otherwise: both empty -> dice/iou/sensitivity/precision 1, hd95 0; one empty -> dice 0, iou 0, "
     "sensitivity 0 if the ground truth is empty, precision 0 if the prediction is empty, hd95 = image diagonal "
     "in mm. hd95 follows MONAI: max over both directions of the 95th percentile of surface-to-surface distances "
-    "(mm, using the voxel spacing). Volumes in ml = voxels x voxel volume / 1000."
+    "(mm, using the voxel spacing). Volumes in ml = voxels x voxel volume / 1000. Where the spacing is unknown "
+    "(LGG kaggle_3m slices) hd95 is in voxels (pixels within a slice) and volumes are voxel counts (vol_*_voxels)."
 )
 HD95_MARGIN = 1  # voxels kept around the joint bounding box: surfaces touching the crop edge stay surfaces
 
@@ -100,12 +104,15 @@ def hd95_mm(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float
 
 
 def structure_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], hd95: bool = True
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None, hd95: bool = True
 ) -> dict[str, float]:
-    """All metrics for one binary structure (2D or 3D); conventions in the module docstring."""
+    """All metrics for one binary structure (2D or 3D); conventions in the module docstring (``spacing`` None:
+    unknown, distances and sizes in voxels)."""
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+    known = spacing is not None
+    spacing = tuple(spacing) if known else (1.0,) * gt.ndim
     if len(spacing) != gt.ndim:
         raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {gt.ndim}D mask")
     tp = int(np.count_nonzero(pred & gt))
@@ -113,7 +120,6 @@ def structure_metrics(
     fp, fn = n_pred - tp, n_gt - tp
     tn = gt.size - tp - fp - fn
     error_free = fp == 0 and fn == 0
-    voxel_ml = float(np.prod(spacing)) / 1000.0
     result = {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn, error_free),
         "iou": _ratio(tp, tp + fp + fn, error_free),
@@ -124,8 +130,12 @@ def structure_metrics(
     }
     if hd95:
         result["hd95"] = hd95_mm(pred, gt, spacing)
-    result["vol_pred_ml"], result["vol_gt_ml"] = n_pred * voxel_ml, n_gt * voxel_ml
-    result["vol_diff_ml"] = (n_pred - n_gt) * voxel_ml
+    if known:
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        result["vol_pred_ml"], result["vol_gt_ml"] = n_pred * voxel_ml, n_gt * voxel_ml
+        result["vol_diff_ml"] = (n_pred - n_gt) * voxel_ml
+    else:
+        result["vol_pred_voxels"], result["vol_gt_voxels"], result["vol_diff_voxels"] = n_pred, n_gt, n_pred - n_gt
     return result
 
 
@@ -138,7 +148,7 @@ def _mask(labels: np.ndarray, members: tuple[int, ...]) -> np.ndarray:
 
 
 def _rows(
-    pred_labels: np.ndarray, gt_labels: np.ndarray, structures: Sequence[Structure], spacing: Sequence[float],
+    pred_labels: np.ndarray, gt_labels: np.ndarray, structures: Sequence[Structure], spacing: Sequence[float] | None,
     hd95: bool,
 ) -> list[dict]:
     """One row per structure; structures with the same label set (ET class and ET region) are scored once."""
@@ -157,14 +167,14 @@ def _rows(
 
 
 def case_metrics(
-    pred_labels: np.ndarray, gt_labels: np.ndarray, spacing: Sequence[float], hd95: bool = True
+    pred_labels: np.ndarray, gt_labels: np.ndarray, spacing: Sequence[float] | None, hd95: bool = True
 ) -> list[dict]:
     """Rows for the BraTS regions WT, TC, ET and the classes NCR, ED, ET from two internal label maps."""
     return _rows(pred_labels, gt_labels, STRUCTURES, spacing, hd95)
 
 
 def binary_case_metrics(
-    pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float], hd95: bool = True
+    pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float] | None, hd95: bool = True
 ) -> list[dict]:
     """One row, structure "abnormality", for the binary (LGG FLAIR abnormality) task; nonzero = foreground."""
     return _rows(np.asarray(pred_mask) != 0, np.asarray(gt_mask) != 0, [BINARY_STRUCTURE], spacing, hd95)

@@ -1,6 +1,7 @@
 """Preprocessing that records every step so predictions map back to the input grid exactly.
 
-Steps (in order): reorient to RAS, brain mask (given file, else nonzero voxels of any sequence), optional N4
+Steps (in order): reorient to RAS, brain mask (given file, else `foreground_mask`: nonzero voxels of any
+sequence, or the Otsu head mask for scans that are not skull-stripped), optional N4
 bias-field correction (SimpleITK), crop to the mask's bounding box plus a margin, z-score per sequence inside
 the mask, optional resampling to a target spacing, optional 2D mode (axial slice range, in-plane resize).
 The arrays keep the layout (C, X, Y, Z) in RAS; 2D models read the last axis as the slice axis.
@@ -14,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from neuromap.config import PreprocessConfig
 from neuromap.errors import NeuroMapError
@@ -96,13 +98,45 @@ def resize(array: np.ndarray | torch.Tensor, shape: tuple[int, ...], linear: boo
 
 def brain_bbox(mask: np.ndarray, margin: int) -> tuple[tuple[int, int], ...]:
     if not mask.any():
-        raise NeuroMapError("brain mask is empty: every sequence is zero everywhere.")
+        raise NeuroMapError("brain mask is empty: every sequence is zero (or, with foreground 'otsu', constant).")
     bounds = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         idx = np.flatnonzero(mask.any(axis=other))
         bounds.append((max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(bounds)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the histogram cut with the largest between-class variance; foreground is ``> threshold``."""
+    if values.min() == values.max():
+        return float(values.max())  # a single value has no split: nothing lies above it
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    # The minimum falls in the first bin and the maximum in the last, so neither class is ever empty here.
+    low = np.cumsum(hist)[:-1].astype(np.float64)
+    low_sum = np.cumsum(hist * centres)[:-1]
+    high = values.size - low
+    between = low * high * (low_sum / low - ((hist * centres).sum() - low_sum) / high) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def foreground_mask(image: np.ndarray, method: str) -> np.ndarray:
+    """Voxels that count as brain for cropping and z-scoring, from (C, X, Y, Z) in RAS.
+
+    "nonzero": any sequence nonzero, exact for skull-stripped scans with a zero background (BraTS). "otsu": for
+    scans with skull and a noisy, nonzero background (LGG kaggle_3m), where "nonzero" covers nearly the whole
+    field of view and lets noise into the z-score: the largest connected region above Otsu's threshold of the
+    mean sequence, with dark enclosed regions (ventricles, CSF) filled per axial slice.
+    """
+    if method == "nonzero":
+        return np.any(image != 0, axis=0)
+    mean = image.mean(axis=0)
+    mask = mean > otsu_threshold(mean)
+    components, n = ndimage.label(mask)
+    if n > 1:
+        mask = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    return np.stack([ndimage.binary_fill_holes(mask[..., z]) for z in range(mask.shape[-1])], axis=-1)
 
 
 def n4_correct(channel: np.ndarray, mask: np.ndarray, shrink: int = 4) -> np.ndarray:
@@ -141,7 +175,10 @@ def prepare(volume: Volume, cfg: PreprocessConfig) -> Prepared:
     )
     image = _apply_ornt(image, to_ras)
     seg = _apply_ornt(volume.seg, to_ras) if volume.seg is not None else None
-    mask = _apply_ornt(volume.brain_mask, to_ras) if volume.brain_mask is not None else np.any(image != 0, axis=0)
+    if volume.brain_mask is not None:
+        mask = _apply_ornt(volume.brain_mask, to_ras)
+    else:
+        mask = foreground_mask(image, cfg.foreground)
     ras_spacing = [0.0, 0.0, 0.0]
     for file_axis, (ras_axis, _flip) in enumerate(to_ras):
         ras_spacing[int(ras_axis)] = volume.spacing[file_axis]

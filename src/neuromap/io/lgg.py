@@ -17,6 +17,7 @@ copies. Naming problems (orphans, duplicates, gaps, unknown names) are recorded 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -36,6 +37,7 @@ CHANNELS: dict[str, int] = {"t1": 0, "t1ce": 2, "flair": 1}
 FLAIR_CHANNEL = CHANNELS["flair"]
 SLICE_NAME = re.compile(r"^(?P<prefix>.+)_(?P<number>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 PRED_SUFFIX = "_pred_mask.tif"
+PRED_NAME = re.compile(r"^(?P<prefix>.+)_(?P<number>\d+)_pred_mask\.tiff?$", re.IGNORECASE)
 
 Slice = tuple[int, Path, Path | None]  # (slice number, image file, mask file or None)
 
@@ -161,8 +163,7 @@ def load_lgg(
 
     size: tuple[int, int] | None = None
     arrays: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    for _, image_path, mask_path in slices:
+    for _, image_path, _ in slices:
         try:
             image = _read_tif(image_path)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -176,14 +177,12 @@ def load_lgg(
             arrays.append(image)
         except NeuroMapError as exc:
             problems.append(str(exc))
-        if want_seg and mask_path is not None:
-            try:
-                mask = _read_tif(mask_path)
-                if mask.ndim != 2 or (size is not None and mask.shape != size):
-                    raise NeuroMapError(f"{mask_path}: mask shape {mask.shape}; expected 2D {size} like the images.")
-                masks.append(_mask_to_binary(mask, mask_path))
-            except NeuroMapError as exc:
-                problems.append(str(exc))
+    seg = None
+    if want_seg:
+        try:
+            seg = read_lgg_masks({n: mask for n, _, mask in slices if mask is not None}, size)
+        except NeuroMapError as exc:
+            problems.append(str(exc))
     if problems:
         raise NeuroMapError("\n".join(problems))
 
@@ -201,19 +200,60 @@ def load_lgg(
     # A zero-strided view gives the reference its shape without allocating a volume nobody reads.
     reference = nib.Nifti1Image(np.broadcast_to(np.uint8(0), stack.shape[:2] + stack.shape[3:]), np.eye(4))
     reference.header["descrip"] = b"LGG kaggle_3m slices: spacing unknown, units are voxels"
-    return Volume(
-        case=case, image=image, modalities=modalities, reference=reference,
-        seg=np.stack(masks, axis=-1) if want_seg else None,
-    )
+    return Volume(case=case, image=image, modalities=modalities, reference=reference, seg=seg)
 
 
-def write_lgg_masks(labels: np.ndarray, case: Case, out_dir: Path, overwrite: bool = False) -> list[Path]:
-    """Write ``<slice stem>_pred_mask.tif`` per slice: rows x cols uint8 0/255, uncompressed like the original
-    download so any TIFF reader opens it. Non-zero labels are abnormality (internal labels 1-3 all count, as
-    whole tumour is what the FLAIR masks delineate).
+def read_lgg_masks(files: dict[int, Path], size: tuple[int, int] | None = None) -> np.ndarray:
+    """Stack mask files (slice number -> file, in slice order) into (rows, cols, N) uint8 {0, 1}.
 
-    All targets are checked before the first is written; each file is written atomically. The input folder is
-    refused so ground-truth masks and images can never be overwritten.
+    Every mask must be 2D, binary (0/255 or 0/1) and of ``size`` (default: the first mask's). All problems are
+    raised together, naming the files.
+    """
+    if not files:
+        raise NeuroMapError("no mask files to read.")
+    problems: list[str] = []
+    masks: list[np.ndarray] = []
+    for path in files.values():
+        try:
+            mask = _read_tif(path)
+            size = size or mask.shape
+            if mask.ndim != 2 or mask.shape != size:
+                raise NeuroMapError(f"{path}: mask shape {mask.shape}; expected 2D {size} like the images.")
+            masks.append(_mask_to_binary(mask, path))
+        except NeuroMapError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise NeuroMapError("\n".join(problems))
+    return np.stack(masks, axis=-1)
+
+
+def lgg_mask_files(folder: Path, predicted: bool) -> dict[int, Path]:
+    """Slice number -> mask file of a slice folder, in slice order: the ``<slice stem>_pred_mask.tif`` files
+    that `write_lgg_masks` wrote (``predicted``), or the ground-truth ``<case>_<N>_mask.tif`` of a kaggle_3m
+    patient folder, whose naming problems are raised here.
+    """
+    folder = Path(folder)
+    if not predicted:
+        case = lgg_case(folder)
+        if case.extra["naming_problems"]:
+            raise NeuroMapError("\n".join(case.extra["naming_problems"]))
+        return {n: mask for n, _, mask in case.extra["slices"] if mask is not None}
+    found: dict[int, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = PRED_NAME.match(path.name)
+        if match and not path.name.startswith("."):
+            found.setdefault(int(match["number"]), []).append(path)
+    duplicates = [", ".join(p.name for p in paths) for paths in found.values() if len(paths) > 1]
+    if duplicates:
+        raise NeuroMapError(f"{folder}: several predicted masks for one slice ({'; '.join(duplicates)}). Keep one.")
+    return {n: found[n][0] for n in sorted(found)}
+
+
+def lgg_mask_paths(case: Case, out_dir: Path) -> list[Path]:
+    """Where `write_lgg_masks` puts each slice's mask: ``out_dir/<slice stem>_pred_mask.tif``, in slice order.
+
+    The input folder is refused so ground-truth masks and images can never be overwritten, nor predictions
+    mixed into a patient folder (where discovery would reject them as unknown names).
     """
     out_dir = Path(out_dir)
     slices: list[Slice] = case.extra.get("slices", []) if case.layout == "lgg" else []
@@ -223,11 +263,25 @@ def write_lgg_masks(labels: np.ndarray, case: Case, out_dir: Path, overwrite: bo
         raise NeuroMapError(
             f"{out_dir}: is the input folder of case '{case.case_id}'. Fix: choose a separate output folder."
         )
+    return [out_dir / f"{image.stem}{PRED_SUFFIX}" for _, image, _ in slices]
+
+
+def write_lgg_masks(
+    labels: np.ndarray, case: Case, out_dir: Path, overwrite: bool = False, stack: contextlib.ExitStack | None = None
+) -> list[Path]:
+    """Write ``<slice stem>_pred_mask.tif`` per slice: rows x cols uint8 0/255, uncompressed like the original
+    download so any TIFF reader opens it. Non-zero labels are abnormality (internal labels 1-3 all count, as
+    whole tumour is what the FLAIR masks delineate).
+
+    All targets are checked before the first is written. Every file is staged under a temporary name and all
+    are renamed together when ``stack`` closes: the caller's stack, so other outputs (report, picture) appear
+    with the masks, or else one private to this call. An error before that leaves no mask behind.
+    """
+    targets = lgg_mask_paths(case, out_dir)
     labels = as_integral(labels, source=f"predicted labels for '{case.case_id}'")
-    rows, cols = _read_tif(slices[0][1]).shape[:2]
-    if labels.shape != (rows, cols, len(slices)):
-        raise ValueError(f"label shape {labels.shape} does not match the case's slices {(rows, cols, len(slices))}")
-    targets = [out_dir / f"{image.stem}{PRED_SUFFIX}" for _, image, _ in slices]
+    rows, cols = _read_tif(case.extra["slices"][0][1]).shape[:2]
+    if labels.shape != (rows, cols, len(targets)):
+        raise ValueError(f"label shape {labels.shape} does not match the case's slices {(rows, cols, len(targets))}")
     existing = [p.name for p in targets if p.exists()]
     if existing and not overwrite:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
@@ -236,7 +290,9 @@ def write_lgg_masks(labels: np.ndarray, case: Case, out_dir: Path, overwrite: bo
             "Fix: choose another output folder or pass --overwrite."
         )
     masks = np.where(labels != 0, 255, 0).astype(np.uint8)
-    for z, target in enumerate(targets):
-        with atomic_path(target, overwrite) as tmp:
+    with contextlib.ExitStack() as own:
+        staging = stack if stack is not None else own
+        for z, target in enumerate(targets):
+            tmp = staging.enter_context(atomic_path(target, overwrite))
             tifffile.imwrite(tmp, np.ascontiguousarray(masks[:, :, z]), photometric="minisblack")
     return targets

@@ -40,6 +40,12 @@ class Volume:
     def voxel_ml(self) -> float:
         return float(np.prod(self.spacing)) / 1000.0
 
+    @property
+    def spacing_known(self) -> bool:
+        """False where the files store no voxel size (LGG slices: the grid is 1 x 1 x 1 by convention), so
+        sizes must be given in voxels, not mm or mL."""
+        return bool(self.case.extra.get("spacing_known", True))
+
 
 def _open(ref: ImageRef | Path, what: str) -> nib.Nifti1Image:
     path = ref.path if isinstance(ref, ImageRef) else Path(ref)

@@ -196,7 +196,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
             if float(score) > state["best"]:
                 state.update(best=float(score), best_epoch=epoch + 1, bad=0)
                 if rank == 0:
-                    spec.info = {"best_epoch": epoch + 1, "val_dice": {k: v for k, v in val.items()}}
+                    # update, not replace: the warm-start record (init_checkpoint) stays in best.pt
+                    spec.info.update(best_epoch=epoch + 1, val_dice=dict(val))
                     save_checkpoint(best_path, spec, model.state_dict())
             else:
                 state["bad"] += 1
