@@ -140,8 +140,10 @@ def test_postprocess_measures_components_in_voxels_when_spacing_is_unknown():
     cfg = InferenceConfig()
     cleaned, notes = postprocess(labels, None, cfg)
     assert cleaned.sum() == 1600 and set(np.unique(cleaned)) == {0, 1}  # binary labels are never relabelled
-    assert notes == [f"removed 1 tumour component(s) smaller than {cfg.min_component_voxels} voxels"]
-    kept, notes = postprocess(labels, None, cfg.model_copy(update={"min_component_voxels": 20}))
+    assert notes == [f"removed 1 tumour component(s) (27.00 voxels in all) smaller than {cfg.min_component_voxels} "
+                     f"voxels or 10% of the largest"]
+    kept, notes = postprocess(labels, None, cfg.model_copy(update={"min_component_voxels": 20,
+                                                                   "min_component_fraction": 0.0}))
     assert kept.sum() == 1627 and notes == []
 
 

@@ -129,3 +129,18 @@ def test_bad_input_exits_2_with_message(tmp_path, tiny_checkpoint, setup, messag
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_postprocess_drops_components_relative_to_the_largest():
+    from neuromap.config import InferenceConfig
+    from neuromap.inference import postprocess
+
+    labels = np.zeros((60, 60, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 2  # 8000 voxels = 8 mL at 1 mm
+    labels[40:48, 40:48, 5:10] = 3  # 320 voxels: 4 % of the largest -> dropped
+    labels[40:55, 5:25, 10:17] = 1  # 2100 voxels: 26 % of the largest -> kept
+    cleaned, notes = postprocess(labels, 0.001, InferenceConfig())
+    assert (cleaned[5:25, 5:25, 5:25] == 2).all() and (cleaned[40:55, 5:25, 10:17] == 1).all()
+    assert not cleaned[40:48, 40:48, 5:10].any() and len(notes) == 1 and "10% of the largest" in notes[0]
+    kept, _ = postprocess(labels, 0.001, InferenceConfig(min_component_fraction=0))
+    assert np.array_equal(kept, labels)

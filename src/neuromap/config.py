@@ -194,6 +194,9 @@ class InferenceConfig(Strict):
     sw_batch_size: int = Field(2, ge=1)
     slice_batch_size: int = Field(32, ge=1)
     min_component_ml: float = Field(0.1, ge=0, description="drop tumour components smaller than this (mL)")
+    min_component_fraction: float = Field(
+        0.1, ge=0, le=1, description="drop components smaller than this share of the largest (0 keeps all)"
+    )
     min_component_voxels: int = Field(
         50, ge=0, description="the same in voxels, used instead when the voxel size is unknown (LGG slices)"
     )
