@@ -32,9 +32,9 @@ def test_full_case_gets_the_four_sequence_model(weights_dir):
     assert resolve_model_paths("reduced", ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
 
 
-def test_better_measured_model_wins_when_both_fit(weights_dir):
+def test_measured_dice_breaks_ties_between_models_with_the_same_sequences(weights_dir):
     index = json.loads((weights_dir / "models.json").read_text())
-    index["reduced"]["val_dice"] = {"WT": 0.95, "TC": 0.9, "ET": 0.8}
+    index["full_b"] = {**index["full"], "file": "reduced.pt", "val_dice": {"WT": 0.95, "TC": 0.9, "ET": 0.8}}
     (weights_dir / "models.json").write_text(json.dumps(index))
     assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
 
