@@ -30,10 +30,10 @@ def measure(weights: Path, case_dirs: list[Path], gt_root: Path, task: str) -> d
     return {"summary": summary, "seconds_per_case": seconds}
 
 
-def table(summary: dict) -> str:
-    lines = ["| structure | Dice mean ± sd | HD95 mm mean ± sd | sensitivity | precision | n |",
+def table(summary: dict, structures: list[dict] | None = None, unit: str = "mm") -> str:
+    lines = [f"| structure | Dice mean ± sd | HD95 ({unit}) mean ± sd | sensitivity | precision | n |",
              "|---|---|---|---|---|---|"]
-    for row in summary["structures"]:
+    for row in structures or summary["structures"]:
         m = row["metrics"]
         lines.append(
             f"| {row['structure']} ({row['kind']}) | {m['dice']['mean']:.3f} ± {m['dice']['std']:.3f} | "
@@ -85,10 +85,13 @@ def main() -> None:
         f"output `{spec.model.out}`; {sum(v.numel() for v in payload['state_dict'].values()):,} parameters; "
         f"weights stored as float16 ({size_mb:.1f} MB), run in float32.",
         f"- Input sequences: {', '.join(spec.modalities)}. Preprocessing: `{spec.preprocess.model_dump()}`.",
-        f"- Task: {spec.task}; labels 1 NCR/NET, 2 ED, 3 ET internally (written as BraTS 1, 2, 4).", "",
+        "- Task: " + ("BraTS: labels 1 NCR/NET, 2 ED, 3 ET internally (written as BraTS 1, 2, 4)."
+                      if spec.task == "brats" else "binary FLAIR abnormality (masks written as 0/255 .tif)."), "",
         "## Data and split",
-        f"- Data: `{root}`: BraTS 2018 training cases with expert labels (all four sequences). Patient-level "
-        f"split, seed {run_cfg['seed']}, ratios {run_cfg['split']['ratios']}.",
+        f"- Data: `{root}`: " + ("BraTS 2018 training cases with expert labels (all four sequences)"
+                                 if spec.task == "brats" else "LGG kaggle_3m patients (2D slices, FLAIR abnormality "
+                                 "masks; pixel spacing unknown)") +
+        f". Patient-level split, seed {run_cfg['seed']}, ratios {run_cfg['split']['ratios']}.",
         f"- Train ({len(split['train'])}): {', '.join(split['train'])}",
         f"- Validation ({len(split['val'])}, used for the best-checkpoint choice and learning-rate schedule): "
         f"{', '.join(split['val'])}",
@@ -107,8 +110,16 @@ def main() -> None:
         "## Measured results (in each case's original voxel grid, via `neuromap segment` + `neuromap evaluate`)",
     ]
     for part, result in measured.items():
-        card += ["", f"### {part} cases (n = {len(split[part])})", "", table(result["summary"]), "",
-                 f"Segmentation time per case on this CPU (s): {[round(s, 1) for s in result['seconds_per_case']]}"]
+        summ = result["summary"]
+        unit = "mm" if spec.task == "brats" else "pixels"
+        card += ["", f"### {part} cases (n = {len(split[part])})", "", table(summ, unit=unit)]
+        if "per_slice" in summ:  # binary LGG task: per-patient (3D) above, per-slice below
+            slices = summ["per_slice"]
+            card += ["", "Per patient above (3D over each slice stack). Per slice, all slices "
+                     f"(n = {slices['n_slices']}):", "", table(summ, slices["all_slices"], unit), "",
+                     "Per slice, only slices with ground-truth abnormality:", "",
+                     table(summ, slices["slices_with_ground_truth"], unit), "", f"_{slices['convention']}_"]
+        card += ["", f"Segmentation time per case on this CPU (s): {[round(s, 1) for s in result['seconds_per_case']]}"]
     card += [
         "", "## Limits", "",
         f"- Trained on {len(split['train'])} cases from one public dataset; the validation and test sets are tiny "
