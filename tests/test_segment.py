@@ -144,3 +144,16 @@ def test_postprocess_drops_components_relative_to_the_largest():
     assert not cleaned[40:48, 40:48, 5:10].any() and len(notes) == 1 and "10% of the largest" in notes[0]
     kept, _ = postprocess(labels, 0.001, InferenceConfig(min_component_fraction=0))
     assert np.array_equal(kept, labels)
+
+
+def test_modalities_option_maps_odd_file_names(tmp_path, tiny_checkpoint):
+    case = write_synthetic_case(tmp_path / "odd", "odd", shape=(32, 32, 12), layout="plain")
+    names = {}
+    for i, mod in enumerate(["t1", "t1c", "t2", "flair"]):
+        target = case / f"series{i}.nii.gz"
+        (case / f"{mod}.nii.gz").rename(target)
+        names[mod] = target
+    args = [f"{m}={p}" for m, p in names.items()]
+    assert main(["segment", "--modalities", *args, "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
+                 "--quiet"]) == 0
+    assert (tmp_path / "out" / "series0_seg.nii.gz").is_file()

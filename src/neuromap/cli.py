@@ -69,6 +69,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = PreprocessConfig(
         modalities=args.modalities.split(",") if args.modalities else PreprocessConfig().modalities,
         n4=args.n4, spacing=tuple(args.spacing) if args.spacing else None, mode=args.mode,
+        slice_range=tuple(args.slice_range) if args.slice_range else None, normalize=not args.no_zscore,
     )
     for case in _cases(args.paths, _parse_map(args.map)):
         volume = load_case(case, cfg.modalities)
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction (SimpleITK)")
     p.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"))
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
+    p.add_argument("--slice-range", nargs=2, type=int, metavar=("START", "STOP"),
+                   help="2D mode: axial slices [START, STOP) of the RAS volume (the seed design used 60 135)")
+    p.add_argument("--no-zscore", action="store_true", help="skip z-scoring (data already normalised)")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train a model from a YAML config (see configs/)")
@@ -242,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="case folder(s) or a folder of cases")
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--model", nargs="+", help="shipped model name or checkpoint path; several = ensemble")
-    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file (one case)")
+    p.add_argument("--map", "--modalities", dest="map", nargs="+",
+                   help="MODALITY=FILE pairs or a YAML mapping file (one case)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
