@@ -104,7 +104,8 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
         if pts:
             ax[1].plot(*zip(*pts, strict=True), label=key.replace("val_dice_", ""))
     ax[1].set(title="validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
-    ax[1].legend()
+    if ax[1].get_legend_handles_labels()[0]:  # no validation yet after the first epoch
+        ax[1].legend()
     fig.tight_layout()
     tmp = path.with_suffix(".part.png")
     fig.savefig(tmp, dpi=90)
