@@ -192,7 +192,7 @@ class InferenceConfig(Strict):
     tta: bool = False
     overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap (3D models)")
     sw_batch_size: int = Field(2, ge=1)
-    slice_batch_size: int = Field(32, ge=1)
+    slice_batch_size: int = Field(16, ge=1, description="2D models: slices per forward pass (16 was fastest)")
     min_component_ml: float = Field(0.1, ge=0, description="drop tumour components smaller than this (mL)")
     min_component_fraction: float = Field(
         0.1, ge=0, le=1, description="drop components smaller than this share of the largest (0 keeps all)"

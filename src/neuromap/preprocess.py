@@ -41,11 +41,15 @@ class Inverse:
     def crop_shape(self) -> tuple[int, int, int]:
         return tuple(b - a for a, b in self.bbox)
 
+    def to_crop(self, array: np.ndarray | torch.Tensor, linear: bool = False) -> np.ndarray:
+        """Resize (..., X, Y, Z) from prepared space to the crop at input resolution (still RAS, cropped)."""
+        return resize(array, self.crop_shape, linear)
+
     def to_original(self, array: np.ndarray | torch.Tensor, linear: bool = False) -> np.ndarray:
         """Map (..., X, Y, Z) from prepared space to the input grid; ``linear`` for probabilities,
         nearest for labels. Voxels outside the crop get 0 (background).
         """
-        arr = resize(array, self.crop_shape, linear)
+        arr = self.to_crop(array, linear)
         lead = arr.shape[:-3]
         full = np.zeros(lead + self.ras_shape, dtype=arr.dtype)
         full[(...,) + tuple(slice(a, b) for a, b in self.bbox)] = arr

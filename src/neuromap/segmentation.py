@@ -94,7 +94,8 @@ def get_models(paths: list[Path], device: torch.device) -> list[tuple[torch.nn.M
         if not path.is_file():
             raise NeuroMapError(f"{path}: model not found. Shipped models: {sorted(shipped_models()) or 'none'}.")
         model, spec = _cached_model(str(path.resolve()), path.stat().st_mtime)
-        out.append((model.to(device), spec))
+        memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
+        out.append((model.to(device, memory_format=memory_format), spec))
     specs = [s for _, s in out]
     if len({(tuple(s.modalities), s.task, s.model.out) for s in specs}) > 1:
         raise NeuroMapError("ensemble members must share modalities, task and output type.")
@@ -271,9 +272,10 @@ def segment_case(
     probs = predict_probs(models, prepared.image, cfg, device=device)
     timings["inference_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    # Probabilities go back to the crop at input resolution before the decision, so borders stay smooth.
-    crop_probs = prepared.inverse.to_original(probs.cpu().numpy(), linear=True)
-    internal = probs_to_labels(crop_probs, spec)
+    # Probabilities go back to the crop at input resolution before the decision, so borders stay smooth; only the
+    # label map is then placed into the full grid (outside the crop is background either way).
+    inverse = prepared.inverse
+    internal = inverse.to_original(probs_to_labels(inverse.to_crop(probs.cpu(), linear=True), spec))
     internal, notes = postprocess(internal, volume.voxel_ml if volume.spacing_known else None, cfg)
     convention = "binary" if spec.task == "binary" else labels
     prediction = Prediction(case, spec, prepared.inverse, internal,
