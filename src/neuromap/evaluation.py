@@ -38,9 +38,9 @@ from matplotlib.figure import Figure
 from neuromap.config import MODALITY_ALIASES
 from neuromap.errors import NeuroMapError
 from neuromap.io import ImageRef, discover_cases, write_bytes_atomic
-from neuromap.io.cases import _split_token, nifti_stem
+from neuromap.io.cases import nifti_stem, split_name_token
 from neuromap.io.lgg import PRED_NAME, lgg_mask_files, read_lgg_masks
-from neuromap.io.nifti import AFFINE_TOLERANCE, _open, _read, _spatial_shape
+from neuromap.io.nifti import AFFINE_TOLERANCE, open_nifti, read_nifti, spatial_shape
 from neuromap.labels import CONVENTIONS, as_integral, guess_convention, to_internal
 from neuromap.metrics import CONVENTIONS_TEXT, binary_case_metrics, case_metrics
 from neuromap.report import RESEARCH_NOTICE
@@ -102,7 +102,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 def _is_mri_image(path: Path) -> bool:
     """True for an MRI sequence file (t1, t1ce, flair, ... in any supported naming), i.e. not a label map."""
-    return _split_token(nifti_stem(path) or "")[1] in MODALITY_ALIASES
+    return split_name_token(nifti_stem(path) or "")[1] in MODALITY_ALIASES
 
 
 def _index(files: list[LabelFile], side: str) -> dict[str, LabelFile]:
@@ -219,8 +219,8 @@ def pair_grid(pred: LabelFile, gt: LabelFile) -> tuple[float, ...] | None:
                 f"{sorted(pred_numbers - gt_numbers)}. Fix: segment the complete patient folder."
             )
         return None
-    pred_img, gt_img = _open(pred.path, "prediction"), _open(gt.path, "ground truth")
-    pred_shape, gt_shape = _spatial_shape(pred_img, ImageRef(pred.path)), _spatial_shape(gt_img, ImageRef(gt.path))
+    pred_img, gt_img = open_nifti(pred.path, "prediction"), open_nifti(gt.path, "ground truth")
+    pred_shape, gt_shape = spatial_shape(pred_img, ImageRef(pred.path)), spatial_shape(gt_img, ImageRef(gt.path))
     if pred_shape != gt_shape:
         raise NeuroMapError(
             f"shape mismatch for case '{gt.case_id}': prediction {pred.path} is {pred_shape}, ground truth "
@@ -244,7 +244,7 @@ def pair_grid(pred: LabelFile, gt: LabelFile) -> tuple[float, ...] | None:
 
 def _load_labels(item: LabelFile, requested: str, task: str) -> tuple[np.ndarray, str]:
     """(labels for the task's metrics function, convention used) for one file."""
-    raw = _read(_open(item.path, "label map"), ImageRef(item.path), integral=True)
+    raw = read_nifti(open_nifti(item.path, "label map"), ImageRef(item.path), integral=True)
     convention = item.convention if requested == "auto" else requested
     if task == "binary" and convention is None:
         return as_integral(raw, str(item.path)) != 0, "nonzero"

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from neuromap.config import MODALITIES, MODALITY_ALIASES, canonical_modality
 from neuromap.errors import NeuroMapError
-from neuromap.io.cases import SEG_TOKENS, _split_token, nifti_stem
+from neuromap.io.cases import SEG_TOKENS, nifti_stem, split_name_token
 
 DEFAULT_MAX_UPLOAD_MB = 300
 IGNORE = "ignore"  # modality choice for an uploaded file that is not used (e.g. a reference segmentation)
@@ -99,7 +99,7 @@ def guess_modality(name: str) -> str:
     stem = nifti_stem(Path(safe_name(name)))
     if stem is None:
         return IGNORE
-    _, token = _split_token(stem)
+    _, token = split_name_token(stem)
     if token in SEG_TOKENS or token not in MODALITY_ALIASES:
         return IGNORE
     return canonical_modality(token)
@@ -111,7 +111,7 @@ def case_id_from_names(names: list[str], fallback: str = "case") -> str:
     for name in names:
         stem = nifti_stem(Path(name))
         if stem is not None:
-            prefixes.add(_split_token(stem)[0])
+            prefixes.add(split_name_token(stem)[0])
     prefix = prefixes.pop() if len(prefixes) == 1 else ""
     return safe_name(prefix or fallback)
 

@@ -61,7 +61,7 @@ def nifti_stem(path: Path) -> str | None:
     return None
 
 
-def _split_token(stem: str) -> tuple[str, str]:
+def split_name_token(stem: str) -> tuple[str, str]:
     """'Brats18_x_1_t1ce' -> ('Brats18_x_1', 't1ce'); 'flair' -> ('', 'flair')."""
     match = re.match(r"^(.*?)[_\-.]([A-Za-z0-9]+)$", stem)
     if match:
@@ -84,7 +84,7 @@ def case_from_folder(folder: Path, mapping: dict[str, str | Path] | None = None)
         stem = nifti_stem(path)
         if stem is None or path.name.startswith("."):
             continue
-        prefix, token = _split_token(stem)
+        prefix, token = split_name_token(stem)
         if token in SEG_TOKENS:
             seg = ImageRef(path)
         elif token in MASK_TOKENS:

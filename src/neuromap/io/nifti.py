@@ -48,7 +48,7 @@ class Volume:
         return bool(self.case.extra.get("spacing_known", True))
 
 
-def _open(ref: ImageRef | Path, what: str) -> nib.Nifti1Image:
+def open_nifti(ref: ImageRef | Path, what: str) -> nib.Nifti1Image:
     path = ref.path if isinstance(ref, ImageRef) else Path(ref)
     if not path.is_file():
         raise NeuroMapError(f"{path}: {what} file does not exist.")
@@ -63,7 +63,7 @@ def _open(ref: ImageRef | Path, what: str) -> nib.Nifti1Image:
     return img
 
 
-def _spatial_shape(img: nib.Nifti1Image, ref: ImageRef) -> tuple[int, ...]:
+def spatial_shape(img: nib.Nifti1Image, ref: ImageRef) -> tuple[int, ...]:
     shape = img.shape
     if ref.channel is not None:
         if len(shape) != 4 or ref.channel >= shape[3]:
@@ -74,7 +74,7 @@ def _spatial_shape(img: nib.Nifti1Image, ref: ImageRef) -> tuple[int, ...]:
     return shape
 
 
-def _read(img: nib.Nifti1Image, ref: ImageRef, integral: bool = False) -> np.ndarray:
+def read_nifti(img: nib.Nifti1Image, ref: ImageRef, integral: bool = False) -> np.ndarray:
     try:
         # Read through dataobj: get_fdata() would cache a second copy inside the image object.
         data = np.asanyarray(img.dataobj) if integral else np.asarray(img.dataobj, dtype=np.float32)
@@ -106,11 +106,11 @@ def load_case(
             "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
         )
     refs = [case.images[m] for m in modalities]
-    headers = [_open(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
+    headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
     first_ref, first = refs[0], headers[0]
-    shape0 = _spatial_shape(first, first_ref)
+    shape0 = spatial_shape(first, first_ref)
     for ref, img in zip(refs, headers, strict=True):
-        shape = _spatial_shape(img, ref)
+        shape = spatial_shape(img, ref)
         if len(shape) != 3:
             problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
         elif shape != shape0:
@@ -124,8 +124,8 @@ def load_case(
             )
     seg_img = None
     if case.seg is not None and with_seg is not False:
-        seg_img = _open(case.seg, "segmentation")
-        if _spatial_shape(seg_img, case.seg) != shape0:
+        seg_img = open_nifti(case.seg, "segmentation")
+        if spatial_shape(seg_img, case.seg) != shape0:
             problems.append(f"{case.seg}: segmentation shape {seg_img.shape} differs from the images {shape0}.")
     elif with_seg:
         problems.append(f"case '{case.case_id}': no segmentation file (expected a *_seg.nii.gz next to the images).")
@@ -134,7 +134,7 @@ def load_case(
 
     # gzip decompression releases the GIL, so the sequences are read in parallel threads (~2x on 2 cores).
     with ThreadPoolExecutor(max_workers=min(4, len(refs))) as pool:
-        channels = list(pool.map(_read, headers, refs))
+        channels = list(pool.map(read_nifti, headers, refs))
     for ref, data, mod in zip(refs, channels, modalities, strict=True):
         if not np.all(np.isfinite(data)):
             problems.append(f"{ref}: contains NaN or infinite values. Fix: re-export the {mod} image.")
@@ -142,7 +142,7 @@ def load_case(
             problems.append(f"{ref}: the {mod} image is all zero (empty).")
     seg = None
     if seg_img is not None:
-        raw = _read(seg_img, case.seg, integral=True)
+        raw = read_nifti(seg_img, case.seg, integral=True)
         try:
             convention = case.label_convention or guess_convention(np.unique(raw))
             seg = to_internal(raw, convention, source=str(case.seg))
@@ -151,11 +151,11 @@ def load_case(
     brain_mask = None
     if case.brain_mask is not None:
         mask_ref = ImageRef(case.brain_mask)
-        mask_img = _open(mask_ref, "brain mask")
-        if _spatial_shape(mask_img, mask_ref) != shape0:
+        mask_img = open_nifti(mask_ref, "brain mask")
+        if spatial_shape(mask_img, mask_ref) != shape0:
             problems.append(f"{case.brain_mask}: brain mask shape {mask_img.shape} differs from the images {shape0}.")
         else:
-            brain_mask = _read(mask_img, mask_ref, integral=True) > 0
+            brain_mask = read_nifti(mask_img, mask_ref, integral=True) > 0
             if not brain_mask.any():
                 problems.append(f"{case.brain_mask}: brain mask is empty.")
     if problems:
