@@ -93,6 +93,17 @@ def test_python_api_accepts_nibabel_images(tiny_checkpoint, synthetic_case):
     images = {m: nib.load(next(synthetic_case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair")}
     (result,) = segment(images, model=tiny_checkpoint)
     assert result.labels.shape == images["t1"].shape and np.array_equal(result.labels.affine, images["t1"].affine)
+    assert not Path(result.report["inputs"]["t1"]).exists()  # the private temp copy is gone
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_from_config_is_respected(tiny_checkpoint, synthetic_case):
+    from neuromap.config import InferenceConfig
+
+    with pytest.raises(NeuroMapError, match="no CUDA GPU"):
+        segment(synthetic_case, model=tiny_checkpoint, cfg=InferenceConfig(device="cuda"))
+    proc = _cli("segment", str(synthetic_case), "-o", "unused", "--model", str(tiny_checkpoint), "--device", "cuda")
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
 
 
 def test_tta_and_ensemble(tmp_path, tiny_checkpoint, synthetic_case):

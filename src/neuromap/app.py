@@ -23,7 +23,7 @@ from PIL import Image
 from neuromap.config import MODALITIES
 from neuromap.errors import NeuroMapError
 from neuromap.labels import to_internal
-from neuromap.report import COLOURS, LEGEND, RESEARCH_NOTICE, tumour_centre
+from neuromap.report import COLOURS, LEGEND, RESEARCH_NOTICE, intensity_window, tumour_centre
 from neuromap.segmentation import segment, shipped_models
 from neuromap.webapp_io import (
     DEFAULT_MAX_UPLOAD_MB,
@@ -217,8 +217,7 @@ def load_display(result: dict, modality: str) -> dict:
     seg = nib.as_closest_canonical(nib.load(result["files"]["seg.nii.gz"]))
     background = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])  # (X, Y, Z, 1) too
     labels = to_internal(np.asanyarray(seg.dataobj), OUTPUT_LABELS)
-    nonzero = background[background != 0]
-    window = tuple(np.percentile(nonzero, [0.5, 99.5])) if nonzero.size else (0.0, 1.0)
+    window = intensity_window(background)
     cached = {"key": key, "background": background, "labels": labels, "window": window,
               "spacing": tuple(float(z) for z in image.header.get_zooms()[:3])}
     st.session_state.display = cached

@@ -30,7 +30,7 @@ def volume_voxels(labels: np.ndarray, task: str) -> dict[str, int]:
     return out
 
 
-def _intensity_window(background: np.ndarray) -> tuple[float, float]:
+def intensity_window(background: np.ndarray) -> tuple[float, float]:
     """Display range: 0.5-99.5th percentile of the nonzero background, so a few bright voxels do not wash it out."""
     if not np.any(background):
         return 0.0, 1.0
@@ -76,7 +76,7 @@ def overlay_png(background: np.ndarray, labels: np.ndarray, spacing: tuple[float
     from matplotlib.patches import Patch
 
     cx, cy, cz = tumour_centre(labels)
-    lo, hi = _intensity_window(background)
+    lo, hi = intensity_window(background)
     views = [
         ("axial", background[:, :, cz], labels[:, :, cz], spacing[1] / spacing[0]),
         ("coronal", background[:, cy, :], labels[:, cy, :], spacing[2] / spacing[0]),
@@ -129,7 +129,7 @@ def montage_png(background: np.ndarray, labels: np.ndarray, slice_names: list[st
     shown = montage_slices(labels, truth, limit)
     cols = min(5, len(shown))
     rows = -(-len(shown) // cols)
-    lo, hi = _intensity_window(background)
+    lo, hi = intensity_window(background)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.9), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")

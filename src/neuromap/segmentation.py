@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,7 +23,7 @@ from neuromap.checkpoint import ModelSpec, load_model
 from neuromap.config import InferenceConfig
 from neuromap.errors import NeuroMapError
 from neuromap.inference import postprocess, predict_probs, probs_to_labels
-from neuromap.io import Case, Volume, label_image, load_case
+from neuromap.io import Case, Volume, duplicate_ids, label_image, load_case
 from neuromap.io.atomic import atomic_path
 from neuromap.io.lgg import lgg_mask_paths, write_lgg_masks
 from neuromap.labels import from_internal
@@ -308,7 +309,7 @@ def segment_case(
         png, picture_notes = outputs.picture(prediction, volume.image[volume.modalities.index(shown)],
                                              f"{case.case_id} ({shown}) - {spec.model.name}")
         warnings += picture_notes
-        timings["write_s"] = time.perf_counter() - t1
+        timings["overlay_s"] = time.perf_counter() - t1
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
         # Every output is staged under a temporary name and renamed only when all are complete, so an error
@@ -325,8 +326,8 @@ def segment_case(
 
 def segment(
     inputs: str | Path | list[str | Path] | dict[str, str | Path | nib.Nifti1Image],
-    output_dir: str | Path | None = None, model: str | Path | list | None = None, tta: bool = False,
-    device: str = "auto", labels: str = "brats", overwrite: bool = False, progress: bool = False,
+    output_dir: str | Path | None = None, model: str | Path | list | None = None, tta: bool | None = None,
+    device: str | None = None, labels: str = "brats", overwrite: bool = False, progress: bool = False,
     cfg: InferenceConfig | None = None,
 ) -> list[SegmentResult]:
     """Segment one or many cases (the Python face of ``neuromap segment``).
@@ -334,42 +335,38 @@ def segment(
     ``inputs``: a case folder, a parent folder of cases, a list of those, or a mapping
     ``{"t1ce": path_or_nibabel_image, "flair": ...}`` for one case. Returns one result per case with the label
     image (input grid, ``labels`` convention) and the report dict; files are written when ``output_dir`` is set.
+    ``tta`` and ``device``, when given, override the same fields of ``cfg``.
     """
-    cfg = (cfg or InferenceConfig()).model_copy(update={"tta": tta or (cfg.tta if cfg else False), "device": device})
-    cases = _cases_from_inputs(inputs)
-    results = []
+    given = {"tta": tta, "device": device}
+    cfg = (cfg or InferenceConfig()).model_copy(update={k: v for k, v in given.items() if v is not None})
     from tqdm import tqdm
 
-    for case in tqdm(cases, desc="segmenting", disable=not progress or len(cases) < 2, unit="case"):
-        results.append(segment_case(case, output_dir, model, cfg, labels, overwrite))
-    return results
+    # In-memory images are written once to a private temp folder (uncompressed: no gzip work) so the one
+    # validated loader reads them; the folder is removed when segmentation ends.
+    with tempfile.TemporaryDirectory(prefix="neuromap-") as tmp:
+        cases = _cases_from_inputs(inputs, Path(tmp))
+        return [segment_case(case, output_dir, model, cfg, labels, overwrite)
+                for case in tqdm(cases, desc="segmenting", disable=not progress or len(cases) < 2, unit="case")]
 
 
-def _cases_from_inputs(inputs) -> list[Case]:
+def _cases_from_inputs(inputs, scratch: Path) -> list[Case]:
     from neuromap.io import case_from_mapping, discover_cases
 
     if isinstance(inputs, dict):
-        images = {k: v for k, v in inputs.items() if isinstance(v, nib.spatialimages.SpatialImage)}
-        if images:
-            import tempfile
-
-            # In-memory images: write them once to a private temp folder so the one validated loader reads them.
-            tmp = Path(tempfile.mkdtemp(prefix="neuromap-"))
-            mapping = {}
-            for key, value in inputs.items():
-                if isinstance(value, nib.spatialimages.SpatialImage):
-                    nib.save(value, str(tmp / f"{key}.nii.gz"))
-                    mapping[key] = tmp / f"{key}.nii.gz"
-                else:
-                    mapping[key] = value
-            return [case_from_mapping(mapping, case_id="case")]
-        return [case_from_mapping(inputs)]
+        mapping = {}
+        for key, value in inputs.items():
+            if isinstance(value, nib.spatialimages.SpatialImage):
+                mapping[key] = scratch / f"{key}.nii"
+                nib.save(value, str(mapping[key]))
+            else:
+                mapping[key] = value
+        in_memory = any(isinstance(v, nib.spatialimages.SpatialImage) for v in inputs.values())
+        return [case_from_mapping(mapping, case_id="case" if in_memory else None)]
     paths = inputs if isinstance(inputs, list) else [inputs]
     cases: list[Case] = []
     for path in paths:
         cases.extend(discover_cases(path))
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = duplicate_ids(cases)
     if dupes:
         raise NeuroMapError(f"several inputs have the same case id {dupes}; their outputs would collide.")
     return cases

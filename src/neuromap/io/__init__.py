@@ -7,11 +7,13 @@ from neuromap.io.cases import (
     case_from_folder,
     case_from_mapping,
     discover_cases,
+    duplicate_ids,
     read_mapping_file,
 )
 from neuromap.io.nifti import Volume, label_image, load_case, validate_case, write_labels
 
 __all__ = [
     "Case", "ImageRef", "Volume", "atomic_path", "case_from_folder", "case_from_mapping", "discover_cases",
-    "label_image", "load_case", "read_mapping_file", "validate_case", "write_bytes_atomic", "write_labels",
+    "duplicate_ids", "label_image", "load_case", "read_mapping_file", "validate_case", "write_bytes_atomic",
+    "write_labels",
 ]

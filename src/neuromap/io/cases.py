@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,12 @@ def case_from_mapping(mapping: dict[str, str | Path], base: Path | None = None, 
         case_id=case_id or (nifti_stem(first) or first.stem), root=first.parent, images=images, seg=seg,
         layout="mapping", brain_mask=mask,
     )
+
+
+def duplicate_ids(cases: list[Case]) -> list[str]:
+    """Case ids that occur more than once (their outputs or splits would collide)."""
+    counts = Counter(c.case_id for c in cases)
+    return sorted(i for i, n in counts.items() if n > 1)
 
 
 def read_mapping_file(path: str | Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ from monai.transforms.utils import map_binary_to_indices
 
 from neuromap.config import AugmentConfig, SplitConfig, TrainConfig
 from neuromap.errors import NeuroMapError
-from neuromap.io import Case, discover_cases, load_case
+from neuromap.io import Case, discover_cases, duplicate_ids, load_case
 from neuromap.preprocess import prepare
 
 
@@ -58,8 +58,7 @@ def find_training_cases(roots: list[str]) -> list[Case]:
         cases.extend(c for c in discover_cases(root) if c.seg is not None)
     if not cases:
         raise NeuroMapError(f"no labelled cases (with a segmentation file) under {roots}.")
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = duplicate_ids(cases)
     if dupes:
         raise NeuroMapError(f"case ids occur twice across data_roots: {dupes}. Fix: remove the duplicates.")
     return cases
