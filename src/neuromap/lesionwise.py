@@ -116,7 +116,8 @@ def check_request(lesion_wise: bool, rules: str | None, task: str) -> str | None
     """The rule set to use, or None for no lesion-wise evaluation; a mistaken request is a NeuroMapError."""
     if not lesion_wise:
         if rules is not None:
-            raise NeuroMapError(f"lesion rules '{rules}' given without lesion-wise evaluation. Fix: add --lesion-wise.")
+            raise NeuroMapError(f"lesion rules '{rules}' given without lesion-wise evaluation. "
+                                "Fix: add --lesion-wise (lesion_wise=True).")
         return None
     rules = rules or DEFAULT_RULES
     if rules not in RULE_SETS:
