@@ -156,7 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate(args.pred_dir, args.gt_dir, args.output_dir, pred_labels=args.pred_labels,
                        gt_labels=args.gt_labels, hd95=not args.no_hd95, overwrite=args.overwrite,
-                       allow_missing=args.allow_missing, task=args.task)
+                       allow_missing=args.allow_missing, task=args.task, lesion_wise=args.lesion_wise,
+                       lesion_rules=args.lesion_rules)
     print(format_table(summary))
     print(f"wrote {', '.join(Path(p).name for p in summary['files'].values())} to {args.output_dir}")
     return 0
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["brats", "binary"], default="brats")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--allow-missing", action="store_true", help="evaluate matched cases, warn about the rest")
+    p.add_argument("--lesion-wise", action="store_true",
+                   help="also score lesion by lesion as BraTS does: lesion_metrics.csv + summary 'lesion_wise'")
+    p.add_argument("--lesion-rules", metavar="RULES",
+                   help="brats-eval (default: the organisers' brats-evaluation package) or brats2023 (2023 rules)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -28,13 +28,14 @@ import json
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from neuromap import lesionwise
 from neuromap.config import MODALITY_ALIASES
 from neuromap.errors import NeuroMapError
 from neuromap.io import ImageRef, discover_cases, write_bytes_atomic
@@ -80,11 +81,12 @@ class LabelFile:
 
 @dataclass
 class PairResult:
-    """Metric rows of one matched pair: per case, and per slice for slice folders (else empty)."""
+    """Metric rows of one matched pair: per case, per slice for slice folders, per region's lesions (else empty)."""
 
     rows: list[dict]
     conventions: dict[str, str]
     slice_rows: list[dict]
+    lesion_rows: list[dict] = field(default_factory=list)
 
 
 def case_id_of(path: Path) -> str:
@@ -268,17 +270,21 @@ def _load_slices(pred: LabelFile, gt: LabelFile) -> tuple[np.ndarray, np.ndarray
 
 def evaluate_pair(
     pred: LabelFile, gt: LabelFile, pred_labels: str = "auto", gt_labels: str = "auto", hd95: bool = True,
-    task: str = "brats",
+    task: str = "brats", lesion_rules: str | None = None,
 ) -> PairResult:
-    """Metric rows (with case_id) for one matched pair, the label conventions used for each side, and for slice
-    folders one row per slice (with its slice number), scored in 2D by the same metrics function."""
+    """Metric rows (with case_id) for one matched pair, the label conventions used for each side, for slice
+    folders one row per slice (with its slice number), scored in 2D by the same metrics function, and with
+    ``lesion_rules`` the lesion-wise rows of `neuromap.lesionwise`."""
     spacing = pair_grid(pred, gt)
     metrics = TASKS[task]
     if not gt.is_slice_folder:
         pred_arr, pred_conv = _load_labels(pred, pred_labels, task)
         gt_arr, gt_conv = _load_labels(gt, gt_labels, task)
         rows = [{"case_id": gt.case_id, **row} for row in metrics(pred_arr, gt_arr, spacing, hd95=hd95)]
-        return PairResult(rows, {"prediction": pred_conv, "ground_truth": gt_conv}, [])
+        lesions = []
+        if lesion_rules:
+            lesions = lesionwise.case_rows(gt.case_id, pred_arr, gt_arr, spacing, lesion_rules, hd95)
+        return PairResult(rows, {"prediction": pred_conv, "ground_truth": gt_conv}, [], lesions)
     pred_arr, gt_arr, numbers = _load_slices(pred, gt)
     rows = [{"case_id": gt.case_id, **row} for row in metrics(pred_arr, gt_arr, None, hd95=hd95)]
     slice_rows = [
@@ -325,7 +331,8 @@ def format_table(summary: dict) -> str:
     with ground-truth abnormality."""
     hd95_title = _hd95_short(summary)
     if "per_slice" not in summary:
-        return _table(summary["structures"], hd95_title)
+        table, lesions = _table(summary["structures"], hd95_title), summary.get("lesion_wise")
+        return f"{table}\n\n{lesionwise.format_table(lesions)}" if lesions else table
     slices = summary["per_slice"]
     tables = [("per case (3D over the slice stack)", summary["structures"]),
               ("per slice, all slices (both empty = Dice 1)", slices["all_slices"]),
@@ -387,10 +394,12 @@ def _boxplot_png(rows: list[dict], n_cases: int, hd95_title: str) -> bytes:
 def evaluate(
     pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, pred_labels: str = "auto", gt_labels: str = "auto",
     hd95: bool = True, overwrite: bool = False, allow_missing: bool = False, task: str = "brats",
+    lesion_wise: bool = False, lesion_rules: str | None = None,
 ) -> dict:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write metrics.csv, summary.json and
     boxplot.png into ``out_dir`` (for LGG slice folders also metrics_per_slice.csv); returns the summary (as
-    written to summary.json).
+    written to summary.json). ``lesion_wise`` adds lesion_metrics.csv and summary["lesion_wise"] under
+    ``lesion_rules`` ("brats-eval" by default, or "brats2023"; see `neuromap.lesionwise`).
 
     ``task`` "brats" scores the regions WT/TC/ET and classes NCR/ED/ET; "binary" scores one "abnormality"
     mask (nonzero voxels). Pairing, voxel grids and existing outputs are checked before any metric is
@@ -400,6 +409,7 @@ def evaluate(
         raise NeuroMapError(f"unknown evaluation task '{task}'. Fix: use one of {list(TASKS)}.")
     _check_convention(pred_labels, "predictions")
     _check_convention(gt_labels, "ground truth")
+    lesion_rules = lesionwise.check_request(lesion_wise, lesion_rules, task)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NeuroMapError(f"{out}: output path is a file. Fix: give a folder for the evaluation results.")
@@ -410,7 +420,8 @@ def evaluate(
     per_slice = slice_folders == {True}
     if per_slice and task != "binary":
         raise NeuroMapError("LGG slice folders hold binary abnormality masks. Fix: pass --task binary.")
-    targets = {name: out / name for name in (*OUTPUT_NAMES, *((SLICE_OUTPUT,) if per_slice else ()))}
+    extra_outputs = (*((SLICE_OUTPUT,) if per_slice else ()), *((lesionwise.OUTPUT_NAME,) if lesion_rules else ()))
+    targets = {name: out / name for name in (*OUTPUT_NAMES, *extra_outputs)}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise NeuroMapError(f"output exists: {', '.join(existing)}. Fix: choose another output folder or --overwrite.")
@@ -419,11 +430,13 @@ def evaluate(
 
     rows: list[dict] = []
     slice_rows: list[dict] = []
+    lesion_rows: list[dict] = []
     used: dict[str, Counter] = {"prediction": Counter(), "ground_truth": Counter()}
     for pred, gt in pairs:
-        result = evaluate_pair(pred, gt, pred_labels, gt_labels, hd95, task)
+        result = evaluate_pair(pred, gt, pred_labels, gt_labels, hd95, task, lesion_rules)
         rows += result.rows
         slice_rows += result.slice_rows
+        lesion_rows += result.lesion_rows
         for side, name in result.conventions.items():
             used[side][name] += 1
 
@@ -448,10 +461,14 @@ def evaluate(
             "all_slices": summarise(slice_rows),
             "slices_with_ground_truth": summarise([r for r in slice_rows if r["vol_gt_voxels"] > 0]),
         }
+    if lesion_rules:
+        summary["lesion_wise"] = lesionwise.summarise(lesion_rows, lesion_rules)
     summary["files"] = {name: str(path) for name, path in targets.items()}
     write_bytes_atomic(targets["metrics.csv"], _csv_bytes(rows), overwrite)
     if per_slice:
         write_bytes_atomic(targets[SLICE_OUTPUT], _csv_bytes(slice_rows), overwrite)
+    if lesion_rules:
+        write_bytes_atomic(targets[lesionwise.OUTPUT_NAME], lesionwise.csv_bytes(lesion_rows), overwrite)
     write_bytes_atomic(targets["summary.json"], json.dumps(summary, indent=2).encode(), overwrite)
     write_bytes_atomic(targets["boxplot.png"], _boxplot_png(rows, len(pairs), _hd95_short(summary)), overwrite)
     return summary
