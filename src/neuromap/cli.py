@@ -31,9 +31,19 @@ def _parse_map(items: list[str] | None) -> dict[str, str] | None:
     return mapping
 
 
+def _dicom_series_map(paths: list[str], mapping: dict[str, str] | None) -> dict[str, str] | None:
+    """``--map`` given with a DICOM study names series (UID, number or description), not files."""
+    from neuromap.io.dicom import is_dicom_tree
+
+    return mapping if mapping and len(paths) == 1 and is_dicom_tree(paths[0]) else None
+
+
 def _cases(paths: list[str], mapping: dict[str, str] | None):
     from neuromap.io import case_from_mapping, discover_cases
+    from neuromap.io.dicom import dicom_cases
 
+    if _dicom_series_map(paths, mapping):
+        return dicom_cases(paths[0], mapping)
     if mapping:
         if len(paths) > 1:
             raise NeuroMapError("--map describes one case; give at most one case folder with it.")
@@ -136,12 +146,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     mapping = _parse_map(args.map)
     cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
-    inputs = ({**mapping} if mapping else None) or args.inputs
+    series_map = _dicom_series_map(args.inputs, mapping)
+    inputs = args.inputs if series_map else ({**mapping} if mapping else None) or args.inputs
     if not inputs:
         raise NeuroMapError("give a case folder, a folder of cases, or --map MODALITY=FILE ...")
     models = args.model if args.model and len(args.model) > 1 else (args.model[0] if args.model else None)
     results = segment(inputs, args.output_dir, model=models, labels=args.labels, overwrite=args.overwrite,
-                      progress=not args.quiet, cfg=cfg)
+                      progress=not args.quiet, cfg=cfg, series_map=series_map, dicom_seg=args.dicom_seg)
     for r in results:
         print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
               f"-> {r.labels_output}")
@@ -244,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check case folders (files, shapes, affines, values, labels)")
     p.add_argument("paths", nargs="*", default=["."])
     p.add_argument("--modalities", help="comma list the cases must have, e.g. t1ce,flair")
-    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file")
+    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file; DICOM: MODALITY=SERIES")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("preprocess", help="run preprocessing and print what it did (no files written)")
@@ -278,11 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment case(s): label NIfTI (LGG slice folders: per-slice mask TIFFs), "
                        "report JSON and overlay PNG per case")
-    p.add_argument("inputs", nargs="*", help="case folder(s) or a folder of cases")
+    p.add_argument("inputs", nargs="*", help="case folder(s), a folder of cases, or a DICOM study folder")
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--model", nargs="+", help="shipped model name or checkpoint path; several = ensemble")
     p.add_argument("--map", "--modalities", dest="map", nargs="+",
-                   help="MODALITY=FILE pairs or a YAML mapping file (one case)")
+                   help="MODALITY=FILE pairs or a YAML mapping file (one case); with a DICOM study "
+                   "MODALITY=SERIES (SeriesInstanceUID, series number or exact description)")
+    p.add_argument("--dicom-seg", action="store_true", help="DICOM input: also write <case>_seg.dcm (DICOM SEG)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",

@@ -25,6 +25,8 @@ from neuromap.errors import NeuroMapError
 from neuromap.inference import postprocess, predict_probs, probs_to_labels
 from neuromap.io import Case, Volume, duplicate_ids, label_image, load_case
 from neuromap.io.atomic import atomic_path
+from neuromap.io.dicom import dicom_cases
+from neuromap.io.dicom_seg import DicomOutputs
 from neuromap.io.lgg import lgg_mask_paths, write_lgg_masks
 from neuromap.labels import from_internal
 from neuromap.preprocess import Inverse, prepare
@@ -236,16 +238,18 @@ def _input_warnings(volume: Volume, spec: ModelSpec) -> list[str]:
         )
     if spec.preprocess.mode == "2d" and spec.preprocess.slice_range is not None:
         warnings.append(f"2D model: only axial slices {spec.preprocess.slice_range} were segmented.")
-    return warnings
+    return warnings + volume.case.extra.get("warnings", [])
 
 
 def segment_case(
     case: Case, output_dir: str | Path | None = None, model: str | Path | list | None = None,
-    cfg: InferenceConfig | None = None, labels: str = "brats", overwrite: bool = False,
+    cfg: InferenceConfig | None = None, labels: str = "brats", overwrite: bool = False, dicom_seg: bool = False,
 ) -> SegmentResult:
     """Segment one case. With ``output_dir``, write its layout's label output (``<case>_seg.nii.gz`` in the
     input grid; for LGG slice folders ``<case>/<slice stem>_pred_mask.tif``), ``<case>_report.json`` and
     ``<case>_overlay.png``: all checked before any work, staged under temporary names and renamed together.
+    DICOM studies also list the series used and ignored in the report, and with ``dicom_seg`` write
+    ``<case>_seg.dcm`` (DICOM SEG on the reference series).
 
     Binary models write the "binary" label convention (1 = abnormality) whatever ``labels`` says; BraTS
     conventions would call their label 1 necrotic core.
@@ -260,6 +264,8 @@ def segment_case(
     models = get_models(model_paths, device)
     spec = models[0][1]
     outputs = OUTPUTS.get(case.layout, NiftiOutputs())
+    if dicom_seg or case.layout == "dicom":
+        outputs = DicomOutputs(case, outputs, dicom_seg)
     files: dict[str, Path] = {}
     if output_dir is not None:
         files = outputs.files(case, Path(output_dir))
@@ -328,14 +334,16 @@ def segment(
     inputs: str | Path | list[str | Path] | dict[str, str | Path | nib.Nifti1Image],
     output_dir: str | Path | None = None, model: str | Path | list | None = None, tta: bool | None = None,
     device: str | None = None, labels: str = "brats", overwrite: bool = False, progress: bool = False,
-    cfg: InferenceConfig | None = None,
+    cfg: InferenceConfig | None = None, series_map: dict[str, str] | None = None, dicom_seg: bool = False,
 ) -> list[SegmentResult]:
     """Segment one or many cases (the Python face of ``neuromap segment``).
 
     ``inputs``: a case folder, a parent folder of cases, a list of those, or a mapping
     ``{"t1ce": path_or_nibabel_image, "flair": ...}`` for one case. Returns one result per case with the label
     image (input grid, ``labels`` convention) and the report dict; files are written when ``output_dir`` is set.
-    ``tta`` and ``device``, when given, override the same fields of ``cfg``.
+    ``tta`` and ``device``, when given, override the same fields of ``cfg``. A DICOM study folder is a case too:
+    ``series_map`` ({"t1ce": SERIES_UID, number or description}) overrides its automatic choice of series and
+    ``dicom_seg`` adds a DICOM SEG output.
     """
     given = {"tta": tta, "device": device}
     cfg = (cfg or InferenceConfig()).model_copy(update={k: v for k, v in given.items() if v is not None})
@@ -344,8 +352,8 @@ def segment(
     # In-memory images are written once to a private temp folder (uncompressed: no gzip work) so the one
     # validated loader reads them; the folder is removed when segmentation ends.
     with tempfile.TemporaryDirectory(prefix="neuromap-") as tmp:
-        cases = _cases_from_inputs(inputs, Path(tmp))
-        return [segment_case(case, output_dir, model, cfg, labels, overwrite)
+        cases = dicom_cases(inputs, series_map) if series_map else _cases_from_inputs(inputs, Path(tmp))
+        return [segment_case(case, output_dir, model, cfg, labels, overwrite, dicom_seg)
                 for case in tqdm(cases, desc="segmenting", disable=not progress or len(cases) < 2, unit="case")]
 
 

@@ -2,7 +2,8 @@
 
 Layouts: BraTS 2018-2021 (``<id>_t1ce.nii.gz``), BraTS 2023+ (``<id>-t1c.nii.gz``), BraTS-Toolkit
 (``<id>_fla.nii.gz``), plain names (``flair.nii.gz``), MSD Task01 (4D image + dataset.json), LGG kaggle_3m
-slice folders (see ``neuromap.io.lgg``), and an explicit user mapping (modality -> file).
+slice folders (see ``neuromap.io.lgg``), DICOM studies (see ``neuromap.io.dicom``), and an explicit user
+mapping (modality -> file).
 """
 
 from __future__ import annotations
@@ -225,8 +226,12 @@ def discover_cases(root: str | Path) -> list[Case]:
 
             cases.append(lgg_case(sub))
     if not cases:
+        from neuromap.io.dicom import dicom_cases, is_dicom_tree
+
+        if is_dicom_tree(root):
+            return dicom_cases(root)
         raise NeuroMapError(
             f"{root}: no cases found (no NIfTI files, MSD dataset.json or LGG .tif slices here or one level "
-            "below). Fix: point to a case folder or a folder of case folders."
+            "below, no DICOM files). Fix: point to a case folder, a folder of case folders or a DICOM study."
         )
     return cases

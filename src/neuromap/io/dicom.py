@@ -246,11 +246,15 @@ def is_dicom_tree(root: str | Path, probe: int = 50) -> bool:
     return False
 
 
-def dicom_cases(root: str | Path, series_map: dict[str, str] | None = None) -> list[Case]:
+def dicom_cases(root: str | Path | list, series_map: dict[str, str] | None = None) -> list[Case]:
     """One case per study under ``root``; ``series_map`` (modality -> UID, number or description) overrides
     the automatic choice of series (one study only)."""
     from neuromap.io.dicom_map import map_study
 
+    if isinstance(root, (list, tuple)):
+        if len(root) != 1:
+            raise NeuroMapError(f"--map names the series of one DICOM study; got {len(root)} inputs. Fix: give one.")
+        root = root[0]
     root = Path(root)
     series, notes = scan_dicom(root)
     if not series:
@@ -261,14 +265,27 @@ def dicom_cases(root: str | Path, series_map: dict[str, str] | None = None) -> l
     if series_map and len(studies) > 1:
         raise NeuroMapError(f"{root}: holds {len(studies)} studies; --map describes one. Fix: point to one study.")
     cases = []
-    for n, members in enumerate(studies.values()):
-        case_id = root.name if len(studies) == 1 else f"{root.name}_{n + 1}"
+    for case_id, members in zip(_study_ids(root, studies), studies.values(), strict=True):
         choice = map_study(members, series_map, where=str(root))
         images = {m: SeriesRef(Path(os.path.commonpath([p.parent for p in s.files])), series=s)
                   for m, s in choice.used.items()}
         cases.append(Case(case_id=case_id, root=root, images=images, layout="dicom",
                           extra={"dicom": choice, "warnings": choice.warnings + notes}))
     return cases
+
+
+def _study_ids(root: Path, studies: dict[str, list[Series]]) -> list[str]:
+    """Case ids: the root folder's name for one study; for several, the top folder holding each study's files
+    when those differ (a folder per patient), else the root's name numbered."""
+    if len(studies) == 1:
+        return [root.name]
+    tops = []
+    for members in studies.values():
+        parts = {p.relative_to(root).parts[0] for s in members for p in s.files if len(p.relative_to(root).parts) > 1}
+        tops.append(parts.pop() if len(parts) == 1 else None)
+    if None not in tops and len(set(tops)) == len(tops):
+        return tops
+    return [f"{root.name}_{n + 1}" for n in range(len(studies))]
 
 
 def load_dicom(

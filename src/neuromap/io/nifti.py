@@ -97,6 +97,10 @@ def load_case(
         from neuromap.io.lgg import load_lgg  # imported here: neuromap.io.lgg imports Volume from this module
 
         return load_lgg(case, modalities, with_seg=with_seg, check_only=check_only)
+    if case.layout == "dicom":
+        from neuromap.io.dicom import load_dicom  # same reason: neuromap.io.dicom imports Volume from here
+
+        return load_dicom(case, modalities, with_seg=with_seg, check_only=check_only)
     modalities = list(modalities or case.modalities)
     problems: list[str] = []
     missing = [m for m in modalities if m not in case.images]
