@@ -194,6 +194,7 @@ def test_ambiguous_and_incomplete_mappings_list_the_series(tmp_path):
     assert uids["AX T1 POST GAD 3D"] in message
     (case,) = dicom_cases(root, {"t1ce": "9"})
     assert case.extra["dicom"].used["t1ce"].uid == uids["AX T1 POST GAD 3D"]
+    assert main(["validate", str(root), "--map", "t1ce=9"]) == 0
 
     partial = tmp_path / "no_flair"
     write_study({m: small[m] for m in ("t1", "t1ce", "t2")}, partial)
@@ -268,3 +269,18 @@ def test_api_series_map_and_dicom_seg_only_for_dicom(study, nifti_case, tiny_che
     assert not (tmp_path / "api" / "Patient01_seg.dcm").exists()
     with pytest.raises(NeuroMapError, match="--dicom-seg needs a DICOM input"):
         segment(nifti_case, tmp_path / "nifti", model=tiny_checkpoint, dicom_seg=True)
+
+
+@needs_real_data
+def test_several_studies_are_several_cases_and_seg_objects_are_skipped(tmp_path):
+    small = _images((slice(60, 124), slice(70, 134), slice(80, 84)))
+    for patient in ("P1", "P2"):
+        write_study({m: small[m] for m in MODALITIES}, tmp_path / "export" / patient, Study(patient_id=patient))
+    t1 = sorted(scan_dicom(tmp_path / "export" / "P1")[0], key=lambda s: s.number)[1]  # [0] is the localizer
+    write_dicom_seg(np.zeros(t1.shape, np.uint8), t1, tmp_path / "export" / "P1" / "old_seg.dcm", "x", 60)
+    cases = discover_cases(tmp_path / "export")
+    assert [(c.case_id, c.layout, c.modalities) for c in cases] == [("P1", "dicom", list(MODALITIES)),
+                                                                     ("P2", "dicom", list(MODALITIES))]
+    assert any("old_seg.dcm" in note for note in cases[0].extra["dicom"].report()["skipped_files"])
+    with pytest.raises(NeuroMapError, match="holds 2 studies"):
+        dicom_cases(tmp_path / "export", {"t1": "2"})

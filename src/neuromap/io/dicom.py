@@ -17,7 +17,9 @@ the affine maps it to RAS+ millimetres (nibabel's convention; DICOM's LPS+ x and
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,26 +117,29 @@ def _text(value) -> str:
     return str(value).strip()
 
 
+def _files(root: Path) -> Iterator[Path]:
+    """Every file below ``root`` in a stable order, hidden files and folders (.DS_Store, .git) left out."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield from (Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
+
+
 def scan_dicom(root: str | Path) -> tuple[list[Series], list[str]]:
-    """All image series under ``root`` with their geometry, and notes on skipped non-image DICOM objects."""
+    """All image series under ``root`` with their geometry, and notes on the DICOM files that are not images
+    (DICOMDIR, SEG, SR, ...), which are skipped."""
     root = Path(root)
     groups: dict[str, list[tuple[Path, object]]] = {}
     notes: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            header = _read_header(path)
-            if header is None:
-                continue
-            sop = str(header.get("SOPClassUID", ""))
-            if not header.get("SeriesInstanceUID") or not sop.startswith(IMAGE_SOP_PREFIX) or \
-                    "ImageOrientationPatient" not in header:
-                notes.append(f"{path.relative_to(root)}: DICOM object without image geometry (SOP class {sop}) skipped")
-                continue
-            groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+    for path in _files(root):
+        header = _read_header(path)
+        if header is None:
+            continue
+        sop = str(header.get("SOPClassUID", ""))
+        if not header.get("SeriesInstanceUID") or not sop.startswith(IMAGE_SOP_PREFIX) or \
+                "ImageOrientationPatient" not in header:
+            notes.append(f"{path.relative_to(root)}: DICOM object without image geometry (SOP class {sop}) skipped")
+            continue
+        groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
     return [_series(uid, members) for uid, members in groups.items()], notes
 
 
@@ -227,22 +232,14 @@ def is_dicom_tree(root: str | Path, probe: int = 50) -> bool:
     root = Path(root)
     if not root.is_dir():
         return False
-    seen = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            try:
-                with open(Path(dirpath) / name, "rb") as handle:
-                    handle.seek(128)
-                    if handle.read(4) == b"DICM":
-                        return True
-            except OSError:
-                pass
-            seen += 1
-            if seen >= probe:
-                return False
+    for path in itertools.islice(_files(root), probe):
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(128)
+                if handle.read(4) == b"DICM":
+                    return True
+        except OSError:
+            pass
     return False
 
 
@@ -265,12 +262,14 @@ def dicom_cases(root: str | Path | list, series_map: dict[str, str] | None = Non
     if series_map and len(studies) > 1:
         raise NeuroMapError(f"{root}: holds {len(studies)} studies; --map describes one. Fix: point to one study.")
     cases = []
-    for case_id, members in zip(_study_ids(root, studies), studies.values(), strict=True):
+    named = sorted(zip(_study_ids(root, studies), studies.values(), strict=True), key=lambda item: item[0])
+    for case_id, members in named:
         choice = map_study(members, series_map, where=str(root))
+        choice.skipped = notes
         images = {m: SeriesRef(Path(os.path.commonpath([p.parent for p in s.files])), series=s)
                   for m, s in choice.used.items()}
         cases.append(Case(case_id=case_id, root=root, images=images, layout="dicom",
-                          extra={"dicom": choice, "warnings": choice.warnings + notes}))
+                          extra={"dicom": choice, "warnings": choice.warnings}))
     return cases
 
 
@@ -285,7 +284,9 @@ def _study_ids(root: Path, studies: dict[str, list[Series]]) -> list[str]:
         tops.append(parts.pop() if len(parts) == 1 else None)
     if None not in tops and len(set(tops)) == len(tops):
         return tops
-    return [f"{root.name}_{n + 1}" for n in range(len(studies))]
+    first_files = [min(p for s in members for p in s.files) for members in studies.values()]
+    rank = {path: n for n, path in enumerate(sorted(first_files))}  # numbered in folder order
+    return [f"{root.name}_{rank[path] + 1}" for path in first_files]
 
 
 def load_dicom(

@@ -81,11 +81,11 @@ def write_series(
     thickness = float(np.linalg.norm(step))
     series_uid = series_uid or generate_uid()
     if intercept is not None:
-        stored, pixel_repr = (data - intercept).astype(np.uint16), 0
+        stored = (data - intercept).astype(np.uint16)
         if not np.array_equal(stored.astype(np.float64) + intercept, data):
             raise NeuroMapError(f"intercept {intercept} cannot represent the values exactly as unsigned 16-bit.")
     else:
-        stored, pixel_repr = data.astype(np.int16), 1
+        stored = data.astype(np.int16)
         if not np.array_equal(stored, data):
             raise NeuroMapError("values do not fit in int16; give an intercept or rescale first.")
     paths = []
@@ -102,13 +102,9 @@ def write_series(
         ds.SliceLocation = format_number_as_ds(float(position @ np.cross(orientation[:3], orientation[3:])))
         for keyword, value in (acquisition or {}).items():
             setattr(ds, keyword, value)
-        pixels = np.ascontiguousarray(stored[:, :, k].T)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, pixel_repr
+        _set_pixels(ds, stored[:, :, k].T)
         if intercept is not None:
             ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = format_number_as_ds(intercept), "1", "US"
-        ds.PixelData = pixels.tobytes()
         name = f"{generate_uid(prefix=None)[5:25]}.dcm" if random_names else f"IM{n + 1:05d}.dcm"
         path = folder / name
         ds.save_as(path, enforce_file_format=True)
@@ -137,6 +133,16 @@ def _base_dataset(study: Study, series_uid: str, number: int, description: str, 
     return ds
 
 
+def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    """16-bit monochrome pixel data (signed for int16, unsigned for uint16) and the tags describing it."""
+    pixels = np.ascontiguousarray(pixels)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    ds.PixelData = pixels.tobytes()
+
+
 def write_localizer(folder: str | Path, study: Study, series_number: int = 1, size: int = 64) -> list[Path]:
     """A three-plane localizer (axial, coronal, sagittal single slices in one series), as every study has."""
     folder = Path(folder)
@@ -153,11 +159,7 @@ def write_localizer(folder: str | Path, study: Study, series_number: int = 1, si
         ds.PixelSpacing = _ds([240 / size, 240 / size])
         ds.SliceThickness = "10"
         ds.ScanningSequence, ds.RepetitionTime, ds.EchoTime = "GR", "8.6", "4.0"
-        pixels = (np.hypot(*np.mgrid[-1:1:size * 1j, -1:1:size * 1j]) < 0.8).astype(np.int16) * 300
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = pixels.tobytes()
+        _set_pixels(ds, (np.hypot(*np.mgrid[-1:1:size * 1j, -1:1:size * 1j]) < 0.8).astype(np.int16) * 300)
         path = folder / f"LOC_{plane}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

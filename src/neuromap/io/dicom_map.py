@@ -104,6 +104,7 @@ class StudyChoice:
     why: dict[str, str] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)  # series UID -> reason
     warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # DICOM files that are not images, one note each
 
     def listing(self) -> str:
         """Every series, one line each: number, description, size, UID, and what became of it."""
@@ -125,7 +126,7 @@ class StudyChoice:
 
         used = {m: {**entry(s), "why": self.why[m]} for m, s in self.used.items()}
         ignored = [{**entry(s), "reason": self.ignored[s.uid]} for s in self.series if s.uid in self.ignored]
-        return {"series_used": used, "series_ignored": ignored}
+        return {"series_used": used, "series_ignored": ignored, "skipped_files": self.skipped}
 
 
 def _matches(series: list[Series], value: str) -> list[Series]:
