@@ -163,7 +163,7 @@ def _geometry(series: Series, headers: list) -> str | None:
     try:
         orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
-        spacing = [float(v) for v in headers[0].PixelSpacing]
+        spacings = np.array([[float(v) for v in h.PixelSpacing] for h in headers])
         sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     except (AttributeError, TypeError, ValueError):
         return "geometry tags (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) missing or unreadable"
@@ -171,6 +171,9 @@ def _geometry(series: Series, headers: list) -> str | None:
     series.shape = (cols, rows, len(headers))
     if not rows:
         return "images of different sizes"
+    spacing = spacings[0]
+    if np.abs(spacings - spacing).max() > 1e-4:
+        return "images with different pixel spacings"
     if np.abs(orientations - orientations[0]).max() > 1e-4:
         return "images in different orientations (a localizer?)"
     if len(headers) < 2:
@@ -227,7 +230,7 @@ def reference_image(series: Series) -> nib.Nifti1Image:
     return image
 
 
-def is_dicom_tree(root: str | Path, probe: int = 50) -> bool:
+def is_dicom_tree(root: str | Path, probe: int = 200) -> bool:
     """True when a folder tree holds DICOM files (checks at most ``probe`` files)."""
     root = Path(root)
     if not root.is_dir():

@@ -194,6 +194,6 @@ def map_study(series: list[Series], overrides: dict[str, str] | None = None, whe
         )
     absent = [m for m in MODALITIES if m not in choice.used]
     if absent:
-        choice.warnings.append(f"DICOM study: no series recognised as {', '.join(absent)}; the model choice uses "
-                               f"{', '.join(choice.used)} (see the report's DICOM series list)")
+        choice.warnings.append(f"DICOM study: no series recognised as {', '.join(absent)}, so only models reading "
+                               f"{', '.join(choice.used)} can be used (see the report's DICOM series list)")
     return choice
