@@ -101,16 +101,17 @@ def main() -> None:
         "## Data and split",
         f"- Data: `{root}`: " + ("BraTS 2018 training cases with expert labels (all four sequences)"
                                  if spec.task == "brats" else "LGG kaggle_3m patients (2D slices, FLAIR abnormality "
-                                 "masks; pixel spacing unknown)") +
+                                 "masks; pixel spacing unknown)")
         + (f". Trained on all {len(split['train'])} labelled cases (no hold-out); its recipe was cross-validated "
            f"in `{args.cv}` ({run_cfg['split']['folds']} patient-level folds stratified by site, seed "
            f"{run_cfg['seed']}, `neuromap cv {args.cv_config}`)." if args.cv else
            f". Patient-level split, seed {run_cfg['seed']}, ratios {run_cfg['split']['ratios']}."),
         f"- Train ({len(split['train'])}): {', '.join(split['train'])}",
-        f"- Validation ({len(split['val'])}, used for the best-checkpoint choice and learning-rate schedule): "
-        f"{', '.join(split['val'])}",
-        f"- Test ({len(split.get('test', []))}, never seen in training or selection): "
-        f"{', '.join(split.get('test', []))}", "",
+        *([] if args.cv else [
+            f"- Validation ({len(split['val'])}, used for the best-checkpoint choice and learning-rate schedule): "
+            f"{', '.join(split['val'])}",
+            f"- Test ({len(split.get('test', []))}, never seen in training or selection): "
+            f"{', '.join(split.get('test', []))}"]), "",
         "## Training",
         f"- Command: `neuromap train {args.config}` (code at this commit), then "
         f"`python scripts/ship_model.py {args.run_dir} --name {args.name} --config {args.config}`.",
