@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from neuromap.config import MODALITIES, MODALITY_ALIASES, canonical_modality
 from neuromap.errors import NeuroMapError
-from neuromap.io.cases import SEG_TOKENS, nifti_stem, split_name_token
+from neuromap.io.case import SEG_TOKENS, nifti_stem, split_name_token
 
 DEFAULT_MAX_UPLOAD_MB = 300
 IGNORE = "ignore"  # modality choice for an uploaded file that is not used (e.g. a reference segmentation)
@@ -126,6 +126,8 @@ def check_nifti_header(name: str, head: bytes) -> None:
     lower = name.lower()
     if not lower.endswith((".nii", ".nii.gz")):
         raise NeuroMapError(f"{name}: not a NIfTI file name. Fix: upload .nii or .nii.gz files (or one .zip).")
+    if not head:
+        raise NeuroMapError(f"{name}: the file is empty (0 bytes). Fix: upload the scan again (its copy failed).")
     if lower.endswith(".gz"):
         if not head.startswith(GZIP_MAGIC):
             kind = "text" if _looks_like_text(head) else "not gzip data"
