@@ -20,7 +20,7 @@ import torch
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-import neuromap.segmentation
+import neuromap.zoo
 from neuromap import cli
 from neuromap.checkpoint import ModelSpec, save_checkpoint
 from neuromap.config import ModelConfig, PreprocessConfig
@@ -70,10 +70,10 @@ def media(monkeypatch) -> dict:
 
 
 @pytest.fixture
-def app(monkeypatch, tiny_model) -> Iterator[AppTest]:
+def app(monkeypatch, tiny_model, tmp_path_factory) -> Iterator[AppTest]:
     """The page with no shipped models (so tests do not depend on what is trained) and the tiny checkpoint
     offered as ``neuromap app --model`` would."""
-    monkeypatch.setattr(neuromap.segmentation, "shipped_models", lambda: {})
+    monkeypatch.setattr(neuromap.zoo, "WEIGHTS_DIR", tmp_path_factory.mktemp("no_weights"))
     monkeypatch.setenv("NEUROMAP_APP_MODEL", str(tiny_model))
     monkeypatch.delenv("NEUROMAP_APP_MAX_UPLOAD_MB", raising=False)
     at = AppTest.from_file(str(APP), default_timeout=120)
@@ -347,17 +347,18 @@ def test_workspace_is_deleted_on_cleanup_and_when_dropped(tmp_path):
 
 
 def test_render_slice_colours_labels_in_mm_proportions():
-    from neuromap.app import render_slice
+    from neuromap.app_viewer import render_slice
+    from neuromap.tasks import BRATS_COLOURS
 
     background = np.zeros((10, 20, 6), np.float32)
     labels = np.zeros((10, 20, 6), np.uint8)
     labels[2, 5, 3] = 3  # ET
-    picture = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2, 3})
+    picture = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2, 3}, BRATS_COLOURS)
     assert picture.shape == (20, 10, 3) and picture.dtype == np.uint8
     assert tuple(picture[20 - 1 - 5, 2]) == (255, 216, 0)  # yellow, anterior (high y) up
-    hidden = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2})
+    hidden = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2}, BRATS_COLOURS)
     assert not hidden.any()
-    sagittal = render_slice(background, labels, 0, 2, (1.0, 1.0, 2.0), (0.0, 1.0), 0.5, {3})
+    sagittal = render_slice(background, labels, 0, 2, (1.0, 1.0, 2.0), (0.0, 1.0), 0.5, {3}, BRATS_COLOURS)
     assert sagittal.shape == (12, 20, 3)  # 6 slices of 2 mm shown 12 px high
 
 

@@ -16,7 +16,9 @@ import pytest
 from conftest import BRATS, needs_real_data
 
 from neuromap.errors import NeuroMapError
-from neuromap.evaluation import case_id_of, evaluate, format_table, prediction_files
+from neuromap.evaluation import evaluate, prediction_files
+from neuromap.evaluation_tables import format_table
+from neuromap.io.nifti import case_id_of
 
 REAL_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_AQQ_1"]
 SHAPE = (16, 16, 12)

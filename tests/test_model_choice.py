@@ -7,8 +7,9 @@ import pytest
 from neuromap.checkpoint import ModelSpec, save_checkpoint
 from neuromap.config import ModelConfig, PreprocessConfig
 from neuromap.errors import NeuroMapError
-from neuromap.segmentation import resolve_model_paths, segment
+from neuromap.segmenter import segment
 from neuromap.synthetic import write_synthetic_case
+from neuromap.zoo import resolve_model_paths
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def weights_dir(tmp_path, monkeypatch):
         save_checkpoint(folder / f"{name}.pt", spec, spec.build().state_dict())
         index[name] = {"file": f"{name}.pt", "modalities": mods, "task": "brats", "val_dice": val[name]}
     (folder / "models.json").write_text(json.dumps(index))
-    monkeypatch.setattr("neuromap.segmentation.WEIGHTS_DIR", folder)
+    monkeypatch.setattr("neuromap.zoo.WEIGHTS_DIR", folder)
     return folder
 
 

@@ -12,7 +12,7 @@ from conftest import BRATS, UNLABELLED, needs_real_data
 
 from neuromap.cli import main
 from neuromap.errors import NeuroMapError
-from neuromap.segmentation import segment
+from neuromap.segmenter import segment
 from neuromap.synthetic import write_synthetic_case
 
 
@@ -72,7 +72,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, tiny_checkpoint, synthetic
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("neuromap.segmentation.nib.save", broken_save)
+    monkeypatch.setattr("neuromap.io.nifti.nib.save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         segment(synthetic_case, tmp_path / "out", model=tiny_checkpoint)
     assert list((tmp_path / "out").iterdir()) == []
@@ -144,7 +144,7 @@ def test_bad_input_exits_2_with_message(tmp_path, tiny_checkpoint, setup, messag
 
 def test_postprocess_drops_components_relative_to_the_largest():
     from neuromap.config import InferenceConfig
-    from neuromap.inference import postprocess
+    from neuromap.postprocess import postprocess
 
     labels = np.zeros((60, 60, 30), np.uint8)
     labels[5:25, 5:25, 5:25] = 2  # 8000 voxels = 8 mL at 1 mm

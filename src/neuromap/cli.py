@@ -150,7 +150,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from neuromap.evaluation import evaluate, format_table
+    from neuromap.evaluation import evaluate
+    from neuromap.evaluation_tables import format_table
 
     summary = evaluate(args.pred_dir, args.gt_dir, args.output_dir, pred_labels=args.pred_labels,
                        gt_labels=args.gt_labels, hd95=not args.no_hd95, overwrite=args.overwrite,
