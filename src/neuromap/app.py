@@ -177,15 +177,10 @@ def sequence_table(staged: list[StagedFile]) -> dict[Path, str]:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model")
-def cached_segmenter(model: str | None, stamp: float | None, tta: bool) -> Segmenter:
+def cached_segmenter(model: str | None, tta: bool) -> Segmenter:
     """One Segmenter per model choice and TTA setting, shared across reruns and sessions, so a model is loaded
-    once; ``stamp`` (the checkpoint file's modification time) makes a replaced upload load again."""
+    once (and again only when its file changes, e.g. a new upload under the same name)."""
     return Segmenter(model, InferenceConfig(tta=tta), OUTPUT_LABELS)
-
-
-def segmenter_for(model: str | Path | None, tta: bool) -> Segmenter:
-    stamp = Path(model).stat().st_mtime if model is not None and Path(model).is_file() else None
-    return cached_segmenter(None if model is None else str(model), stamp, tta)
 
 
 def run_segmentation(choices: dict[Path, str], model: str | Path | None, tta: bool) -> None:
@@ -202,8 +197,9 @@ def run_segmentation(choices: dict[Path, str], model: str | Path | None, tta: bo
             status.write("Checking the sequences and arranging them as one case")
             case_dir = build_case_folder(choices, ws.root / "case" / case_id, case_id)
             status.write("Loading, preprocessing and running the model (CPU: up to a few minutes)")
+            segmenter = cached_segmenter(None if model is None else str(model), tta)
             with cases_from_inputs(case_dir) as cases:
-                (result,) = segmenter_for(model, tta).segment(cases, ws.sub("out"), overwrite=True)
+                (result,) = segmenter.segment(cases, ws.sub("out"), overwrite=True)
         except NeuroMapError as exc:
             status.update(label="Segmentation failed", state="error", expanded=True)
             st.session_state.run_error = str(exc)

@@ -73,7 +73,7 @@ class Segmenter:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.device = self._device(self.cfg.device)
-        self._loaded: dict[Path, tuple[torch.nn.Module, ModelSpec]] = {}
+        self._loaded: dict[tuple[Path, float], tuple[torch.nn.Module, ModelSpec]] = {}  # by file and mtime
         self._named = resolve_model_paths(model, []) if model is not None else None
         if self._named is not None:
             self._models(self._named)
@@ -85,15 +85,17 @@ class Segmenter:
         return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
     def _models(self, paths: list[Path]) -> list[tuple[torch.nn.Module, ModelSpec]]:
+        keys = []
         for path in paths:
-            if path not in self._loaded:
-                if not path.is_file():
-                    shipped = sorted(shipped_models()) or "none"
-                    raise NeuroMapError(f"{path}: model not found. Shipped models: {shipped}.")
+            if not path.is_file():
+                shipped = sorted(shipped_models()) or "none"
+                raise NeuroMapError(f"{path}: model not found. Shipped models: {shipped}.")
+            keys.append((path, path.stat().st_mtime))  # a replaced file (e.g. a new upload) is loaded again
+            if keys[-1] not in self._loaded:
                 model, spec = load_model(path)
                 memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
-                self._loaded[path] = (model.to(self.device, memory_format=memory_format), spec)
-        models = [self._loaded[p] for p in paths]
+                self._loaded[keys[-1]] = (model.to(self.device, memory_format=memory_format), spec)
+        models = [self._loaded[key] for key in keys]
         if len({(tuple(s.modalities), s.task, s.model.out) for _, s in models}) > 1:
             raise NeuroMapError("ensemble members must share modalities, task and output type.")
         return models

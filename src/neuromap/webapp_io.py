@@ -165,14 +165,20 @@ def _is_nifti_header(head: bytes) -> bool:
 
 def stage_uploads(files: list[tuple[str, bytes]], folder: Path, limit_bytes: int) -> list[StagedFile]:
     """Check uploaded ``(name, content)`` pairs (total size, NIfTI content, distinct names) and write them into
-    ``folder`` under cleaned names; nothing is written unless every file passes."""
+    ``folder`` under cleaned names; nothing is written unless every file passes, and every refused file is named."""
     check_total_size([len(data) for _, data in files], limit_bytes)
     names = [safe_name(name) for name, _ in files]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise NeuroMapError(f"the same file name was uploaded twice: {', '.join(dupes)}. Fix: remove the copy.")
-    for name, data in files:
-        check_nifti_header(name, data[: NIFTI2_HEADER + 4])
+    problems = []
+    for name, data in files:  # every refused file is named at once, not one per attempt
+        try:
+            check_nifti_header(name, data[: NIFTI2_HEADER + 4])
+        except NeuroMapError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise NeuroMapError("\n".join(problems))
     folder.mkdir(parents=True, exist_ok=True)
     staged = []
     for (name, data), clean in zip(files, names, strict=True):
