@@ -50,7 +50,7 @@ class ModelSpec:
         )
 
     def build(self) -> torch.nn.Module:
-        return build_model(self.model, len(self.modalities), self.out_channels)
+        return build_model(self.model, self.preprocess.in_channels, self.out_channels)
 
 
 def save_checkpoint(path: str | Path, spec: ModelSpec, state_dict: dict, half: bool = False, **extra) -> Path:

@@ -114,9 +114,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_yaml(args.config, TrainConfig)
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    if args.fold is not None:
+        from neuromap.training.crossval import fold_config
+
+        cfg = fold_config(cfg, args.fold)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; stopped by {result.stopped}; "
           f"checkpoint {result.best_checkpoint}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from neuromap.config import TrainConfig, load_yaml
+    from neuromap.evaluation_tables import format_table
+    from neuromap.training.crossval import out_of_fold, run_root, train_folds
+
+    cfg = load_yaml(args.config, TrainConfig)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    folds = args.folds if args.folds is not None else list(range(cfg.split.folds))
+    bad = [f for f in folds if not 0 <= f < cfg.split.folds]
+    if bad:
+        raise NeuroMapError(f"--folds {bad}: folds are 0..{cfg.split.folds - 1} (split.folds in {args.config}).")
+    if not args.evaluate_only:
+        train_folds(cfg, folds, progress=not args.quiet)
+    summary = out_of_fold(cfg, folds, hd95=not args.no_hd95)
+    print(format_table(summary))
+    print(f"out-of-fold table: {run_root(cfg) / 'oof_table.md'} (n = {summary['n_cases']})")
     return 0
 
 
@@ -155,7 +179,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate(args.pred_dir, args.gt_dir, args.output_dir, pred_labels=args.pred_labels,
                        gt_labels=args.gt_labels, hd95=not args.no_hd95, overwrite=args.overwrite,
-                       allow_missing=args.allow_missing, task=args.task)
+                       allow_missing=args.allow_missing, task=args.task, lesion_wise=args.lesion_wise,
+                       lesion_rules=args.lesion_rules)
     print(format_table(summary))
     print(f"wrote {', '.join(Path(p).name for p in summary['files'].values())} to {args.output_dir}")
     return 0
@@ -265,7 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
     p.add_argument("--output-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fold", type=int, help="train this cross-validation fold (k-fold split, folder fold_K)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", help="cross-validation: train every fold (resumable), score every case out of fold")
+    p.add_argument("config")
+    p.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all)")
+    p.add_argument("--output-dir")
+    p.add_argument("--evaluate-only", action="store_true", help="skip training; score the trained folds")
+    p.add_argument("--no-hd95", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("segment", help="segment case(s): label NIfTI (LGG slice folders: per-slice mask TIFFs), "
                        "report JSON and overlay PNG per case")
@@ -293,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["brats", "binary"], default="brats")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--allow-missing", action="store_true", help="evaluate matched cases, warn about the rest")
+    p.add_argument("--lesion-wise", action="store_true",
+                   help="also score lesion by lesion as BraTS does: lesion_metrics.csv + summary 'lesion_wise'")
+    p.add_argument("--lesion-rules", metavar="RULES",
+                   help="brats-eval (default: the organisers' brats-evaluation package) or brats2023 (2023 rules)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -55,7 +55,12 @@ class PreprocessConfig(Strict):
     slice_range: tuple[int, int] | None = Field(
         None, description="2D: axial slices [start, stop) of the RAS volume; None = all slices"
     )
-    slice_size: tuple[int, int] = (128, 128)
+    slice_size: tuple[int, int] | None = Field(
+        (128, 128), description="2D: in-plane size every slice is resized to; None = keep the (resampled) crop"
+    )
+    context_slices: int = Field(
+        0, ge=0, le=4, description="2D: neighbouring axial slices on each side given as extra channels (2.5D)"
+    )
 
     @field_validator("modalities")
     @classmethod
@@ -64,6 +69,11 @@ class PreprocessConfig(Strict):
         if not mods or len(set(mods)) != len(mods):
             raise ValueError(f"modalities must be a non-empty list without repeats, got {value}")
         return mods
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: each sequence once per slice of the 2.5D stack."""
+        return len(self.modalities) * (2 * self.context_slices + 1)
 
 
 class ModelConfig(Strict):
@@ -109,12 +119,19 @@ class AugmentConfig(Strict):
     intensity_scale: float = Field(0.1, ge=0)
     gamma: tuple[float, float] | None = (0.7, 1.5)
     prob: float = Field(0.3, ge=0, le=1, description="probability of each spatial/intensity transform")
+    channel_wise: bool = Field(False, description="scale/shift each sequence independently (other scanners)")
+    bias_field: float = Field(0.0, ge=0, le=1, description="RandBiasField coefficient range; 0 = off")
+    noise_std: float = Field(0.0, ge=0, description="RandGaussianNoise std (z-scored units); 0 = off")
+    blur_sigma: tuple[float, float] | None = Field(None, description="RandGaussianSmooth sigma range in voxels")
+    low_resolution: tuple[float, float] | None = Field(
+        None, description="RandSimulateLowResolution zoom range (e.g. [0.5, 1.0]): older, thicker-slice scans"
+    )
 
 
 class SplitConfig(Strict):
     """Patient-level split. ``ratios`` are (train, val[, test]); k-fold uses ``folds`` and ``fold``."""
 
-    mode: Literal["ratio", "kfold"] = "ratio"
+    mode: Literal["ratio", "kfold", "all"] = "ratio"
     ratios: tuple[float, ...] = (0.6, 0.25, 0.15)
     folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
@@ -151,12 +168,22 @@ class TrainConfig(Strict):
     val_every: int = Field(1, ge=1)
     early_stopping_patience: int = Field(20, ge=1, description="validations without improvement before stopping")
     plateau_patience: int = Field(8, ge=1)
+    lr_schedule: Literal["plateau", "poly"] = Field(
+        "plateau", description="plateau: halve on stalled validation Dice; poly: lr*(1-epoch/epochs)^0.9 (nnU-Net)"
+    )
+    select: Literal["best", "last"] = Field(
+        "best", description="checkpoint to keep as best.pt: best validation Dice, or the last epoch (cross-validation: "
+        "the held-out fold then never steers the model, so its score is a fair out-of-fold estimate)"
+    )
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (checked per epoch)")
     init_checkpoint: str | None = Field(
         None, description="start from this checkpoint's weights where names and shapes match (pretraining)"
     )
     threads: int | None = Field(None, ge=1)
+    loader_workers: int = Field(
+        1, ge=0, le=8, description="processes preparing augmented batches while the model trains (0 = inline)"
+    )
     output_dir: str | None = None
 
     @field_validator("patch_size")
@@ -173,8 +200,13 @@ class TrainConfig(Strict):
             raise ValueError(f"model.spatial_dims={dims} needs a {dims}-number patch_size, got {self.patch_size}")
         if (dims == 2) != (self.preprocess.mode == "2d"):
             raise ValueError(f"model.spatial_dims={dims} needs preprocess.mode='{'2d' if dims == 2 else '3d'}'")
-        if dims == 2 and tuple(self.patch_size) != tuple(self.preprocess.slice_size):
-            raise ValueError("2D models: patch_size must equal preprocess.slice_size")
+        if dims == 2 and self.preprocess.slice_size is not None and \
+                tuple(self.patch_size) != tuple(self.preprocess.slice_size):
+            raise ValueError("2D models: patch_size must equal preprocess.slice_size (or set slice_size: null)")
+        if dims == 3 and self.preprocess.context_slices:
+            raise ValueError("preprocess.context_slices is for 2D models only")
+        if self.split.mode == "all" and self.select == "best":
+            raise ValueError("split.mode 'all' has no validation cases: set select: last")
         if self.model.out not in get_task(self.task).outputs:
             raise ValueError(f"task '{self.task}' uses model.out in {list(get_task(self.task).outputs)}")
         if self.class_weights is not None and len(self.class_weights) != self.out_channels:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from neuromap import lesionwise
 from neuromap.errors import NeuroMapError
 from neuromap.evaluation_tables import boxplot_png, csv_bytes, hd95_short, summarise
 from neuromap.io import label_files, write_bytes_atomic
@@ -46,11 +47,12 @@ SLICE_CONVENTION = (
 
 @dataclass
 class PairResult:
-    """Metric rows of one matched pair: per case, and per slice for slice stacks (else empty)."""
+    """Metric rows of one matched pair: per case, per slice for slice stacks, per region's lesions (else empty)."""
 
     rows: list[dict]
     conventions: dict[str, str]
     slice_rows: list[dict]
+    lesion_rows: list[dict] = field(default_factory=list)
 
 
 def _index(files: list[LabelFile], side: str) -> dict[str, LabelFile]:
@@ -140,10 +142,11 @@ def _check_kinds(pred: LabelFile, gt: LabelFile) -> None:
 
 def evaluate_pair(
     pred: LabelFile, gt: LabelFile, pred_labels: str = "auto", gt_labels: str = "auto", hd95: bool = True,
-    task: str = "brats",
+    task: str = "brats", lesion_rules: str | None = None,
 ) -> PairResult:
-    """Metric rows (with case_id) for one matched pair, the label conventions used for each side, and for slice
-    stacks one row per slice (with its slice number), scored in 2D by the same metrics function."""
+    """Metric rows (with case_id) for one matched pair, the label conventions used for each side, for slice
+    stacks one row per slice (with its slice number), scored in 2D by the same metrics function, and with
+    ``lesion_rules`` the lesion-wise rows of `neuromap.lesionwise`."""
     _check_kinds(pred, gt)
     scorer = get_task(task)
     pair = gt.layout.read_pair(pred, gt, pred_labels, gt_labels, scorer)
@@ -153,16 +156,21 @@ def evaluate_pair(
         for z, number in enumerate(pair.slice_numbers or [])
         for row in scorer.metric_rows(pair.pred[..., z], pair.truth[..., z], None, hd95)
     ]
-    return PairResult(rows, pair.conventions, slice_rows)
+    lesions = []
+    if lesion_rules:
+        lesions = lesionwise.case_rows(gt.case_id, pair.pred, pair.truth, pair.spacing, lesion_rules, hd95)
+    return PairResult(rows, pair.conventions, slice_rows, lesions)
 
 
 def evaluate(
     pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, pred_labels: str = "auto", gt_labels: str = "auto",
     hd95: bool = True, overwrite: bool = False, allow_missing: bool = False, task: str = "brats",
+    lesion_wise: bool = False, lesion_rules: str | None = None,
 ) -> dict:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write metrics.csv, summary.json and
     boxplot.png into ``out_dir`` (for slice stacks also metrics_per_slice.csv); returns the summary (as
-    written to summary.json).
+    written to summary.json). ``lesion_wise`` adds lesion_metrics.csv and summary["lesion_wise"] under
+    ``lesion_rules`` ("brats-eval" by default, or "brats2023"; see `neuromap.lesionwise`).
 
     ``task`` "brats" scores the regions WT/TC/ET and classes NCR/ED/ET; "binary" scores one "abnormality"
     mask (nonzero voxels). Pairing, voxel grids and existing outputs are checked before any metric is
@@ -172,6 +180,7 @@ def evaluate(
         raise NeuroMapError(f"unknown evaluation task '{task}'. Fix: use one of {list(TASKS)}.")
     _check_convention(pred_labels, "predictions")
     _check_convention(gt_labels, "ground truth")
+    lesion_rules = lesionwise.check_request(lesion_wise, lesion_rules, task)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NeuroMapError(f"{out}: output path is a file. Fix: give a folder for the evaluation results.")
@@ -186,7 +195,8 @@ def evaluate(
             f"{layout.description} hold {' or '.join(layout.scored_as)} labels. Fix: pass --task {layout.scored_as[0]}."
         )
     per_slice = layout.scores_slices
-    targets = {name: out / name for name in (*OUTPUT_NAMES, *((SLICE_OUTPUT,) if per_slice else ()))}
+    extra_outputs = (*((SLICE_OUTPUT,) if per_slice else ()), *((lesionwise.OUTPUT_NAME,) if lesion_rules else ()))
+    targets = {name: out / name for name in (*OUTPUT_NAMES, *extra_outputs)}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise NeuroMapError(f"output exists: {', '.join(existing)}. Fix: choose another output folder or --overwrite.")
@@ -196,11 +206,13 @@ def evaluate(
 
     rows: list[dict] = []
     slice_rows: list[dict] = []
+    lesion_rows: list[dict] = []
     used: dict[str, Counter] = {"prediction": Counter(), "ground_truth": Counter()}
     for pred, gt in pairs:
-        result = evaluate_pair(pred, gt, pred_labels, gt_labels, hd95, task)
+        result = evaluate_pair(pred, gt, pred_labels, gt_labels, hd95, task, lesion_rules)
         rows += result.rows
         slice_rows += result.slice_rows
+        lesion_rows += result.lesion_rows
         for side, name in result.conventions.items():
             used[side][name] += 1
 
@@ -225,10 +237,14 @@ def evaluate(
             "all_slices": summarise(slice_rows),
             "slices_with_ground_truth": summarise([r for r in slice_rows if r["vol_gt_voxels"] > 0]),
         }
+    if lesion_rules:
+        summary["lesion_wise"] = lesionwise.summarise(lesion_rows, lesion_rules)
     summary["files"] = {name: str(path) for name, path in targets.items()}
     write_bytes_atomic(targets["metrics.csv"], csv_bytes(rows), overwrite)
     if per_slice:
         write_bytes_atomic(targets[SLICE_OUTPUT], csv_bytes(slice_rows), overwrite)
+    if lesion_rules:
+        write_bytes_atomic(targets[lesionwise.OUTPUT_NAME], lesionwise.csv_bytes(lesion_rows), overwrite)
     write_bytes_atomic(targets["summary.json"], json.dumps(summary, indent=2).encode(), overwrite)
     write_bytes_atomic(targets["boxplot.png"], boxplot_png(rows, len(pairs), hd95_short(summary)), overwrite)
     return summary

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from neuromap import lesionwise
 from neuromap.report import RESEARCH_NOTICE
 
 ID_COLUMNS = ("case_id", "slice", "structure", "kind")
@@ -55,7 +56,8 @@ def format_table(summary: dict) -> str:
     with ground-truth abnormality."""
     hd95_title = hd95_short(summary)
     if "per_slice" not in summary:
-        return _table(summary["structures"], hd95_title)
+        table, lesions = _table(summary["structures"], hd95_title), summary.get("lesion_wise")
+        return f"{table}\n\n{lesionwise.format_table(lesions)}" if lesions else table
     slices = summary["per_slice"]
     tables = [("per case (3D over the slice stack)", summary["structures"]),
               ("per slice, all slices (both empty = Dice 1)", slices["all_slices"]),

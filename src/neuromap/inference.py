@@ -14,7 +14,24 @@ from monai.inferers import sliding_window_inference
 
 from neuromap.checkpoint import ModelSpec
 from neuromap.config import InferenceConfig
+from neuromap.models import required_divisor
 from neuromap.tasks import task_of
+
+
+def slice_stack(image: torch.Tensor, index: torch.Tensor, context: int) -> torch.Tensor:
+    """2D network input for the axial slices ``index`` of a (C, X, Y, Z) volume: (N, C * (2k + 1), X, Y).
+
+    With ``context`` k > 0 (2.5D) each sequence contributes its slice and k neighbours on each side, channel order
+    (sequence, slice offset); beyond the volume's ends the neighbours are zero (the z-scored background value).
+    Training builds the same layout from (C, X, Y, 2k + 1) patches (``neuromap.training.data``).
+    """
+    if context == 0:
+        return image[..., index].permute(3, 0, 1, 2)
+    padded = torch.nn.functional.pad(image, (context, context))
+    offsets = torch.arange(2 * context + 1, device=image.device)
+    stack = padded[..., index[:, None] + offsets]  # (C, X, Y, N, 2k + 1)
+    c, x, y, n, k = stack.shape
+    return stack.permute(3, 0, 4, 1, 2).reshape(n, c * k, x, y)
 
 
 def _forward(model: torch.nn.Module, spec: ModelSpec, image: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
@@ -24,11 +41,17 @@ def _forward(model: torch.nn.Module, spec: ModelSpec, image: torch.Tensor, cfg: 
             image[None], roi_size=spec.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
             overlap=cfg.overlap, mode="gaussian",
         )[0]
-    slices = image.permute(3, 0, 1, 2)  # (Z, C, X, Y): the last axis is the axial slice axis
-    # channels_last runs the 2D convolutions ~1.5-2x faster on CPU (oneDNN); measured on the shipped U-Net.
-    out = torch.cat([model(batch.contiguous(memory_format=torch.channels_last))
-                     for batch in torch.split(slices, cfg.slice_batch_size)])
-    return out.permute(1, 2, 3, 0)
+    # In-plane sizes are padded with zeros (the z-scored background) up to the network's divisor, then cropped back:
+    # native-resolution models see crops of any size.
+    divisor = required_divisor(spec.model)
+    x, y = image.shape[1:3]
+    pad = (0, -y % divisor, 0, -x % divisor)
+    outputs = []
+    for index in torch.split(torch.arange(image.shape[-1], device=image.device), cfg.slice_batch_size):
+        batch = torch.nn.functional.pad(slice_stack(image, index, spec.preprocess.context_slices), pad)
+        # channels_last runs the 2D convolutions ~1.5-2x faster on CPU (oneDNN); measured on the shipped U-Net.
+        outputs.append(model(batch.contiguous(memory_format=torch.channels_last))[..., :x, :y])
+    return torch.cat(outputs).permute(1, 2, 3, 0)
 
 
 @torch.no_grad()

@@ -209,7 +209,7 @@ def prepare(volume: Volume, cfg: PreprocessConfig) -> Prepared:
     if cfg.normalize:
         image = zscore(image, mask)
     crop_shape = image.shape[-3:]
-    if cfg.mode == "2d":
+    if cfg.mode == "2d" and cfg.slice_size is not None:
         target = (*cfg.slice_size, crop_shape[2])
     elif cfg.spacing is not None:
         target = tuple(max(1, round(n * s / t)) for n, s, t in zip(crop_shape, ras_spacing, cfg.spacing, strict=True))

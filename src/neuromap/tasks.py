@@ -44,6 +44,7 @@ class Task:
     colours: dict[int, tuple[float, float, float]]
     structures: tuple[Structure, ...]  # what a report's volumes list, in order
     headline: tuple[str, ...]  # the structure keys a one-line summary shows
+    scores_lesions: bool  # labels are BraTS regions, which lesion-wise evaluation splits into lesions
     nothing_found: str
     outputs: tuple[str, ...]  # the model output types ("classes", "regions") this task can be trained with
     validation_regions: tuple[str, ...]  # the Dice scores training validation logs (`neuromap.metrics` regions)
@@ -113,6 +114,7 @@ class BratsTask(Task):
     nothing_found = "no tumour found."
     outputs = ("classes", "regions")
     headline = ("WT", "TC", "ET")  # the volumes a one-line summary shows
+    scores_lesions = True
     validation_regions = ("WT", "TC", "ET")
     short_names = CLASS_NAMES
 
@@ -163,6 +165,7 @@ class BinaryTask(Task):
     nothing_found = "no abnormality found."
     outputs = ("classes",)
     headline = ("abnormality",)
+    scores_lesions = False
     validation_regions = ("WT",)  # WT = any nonzero label: the abnormality
     short_names = {1: "abnormality"}
 

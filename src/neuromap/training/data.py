@@ -7,6 +7,7 @@ batches an uninterrupted run would, and DDP ranks see different samples.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,24 +23,48 @@ from neuromap.preprocess import prepare
 from neuromap.tasks import get_task
 
 
-def split_cases(case_ids: list[str], cfg: SplitConfig, seed: int) -> dict[str, list[str]]:
-    """Split by patient (never by slice) after a seeded shuffle of the sorted ids."""
+def site_of(case_id: str) -> str:
+    """The acquiring site encoded in a case id, for stratified folds: "Brats18_2013_2_1" -> "2013",
+    "Brats18_TCIA01_378_1" -> "TCIA", "TCGA_CS_4941_19960909" -> "CS"; ids without "_" share one site."""
+    parts = case_id.split("_")
+    return re.sub(r"\d+$", "", parts[1]) or parts[1] if len(parts) > 1 else ""
+
+
+def kfold_assignment(case_ids: list[str], folds: int, seed: int) -> dict[str, int]:
+    """Patient-level fold of every case, stratified by site (``site_of``): each site's cases, in a seeded shuffle
+    of the sorted ids, are dealt round-robin, the deal continuing across sites so fold sizes differ by at most one.
+    Scanner generations (e.g. the older BraTS-2013 patients) thus land in different folds instead of one.
+    """
     ids = sorted(case_ids)
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    if folds > len(ids):
+        raise NeuroMapError(f"k-fold: {folds} folds impossible with {len(ids)} cases.")
+    rng = np.random.default_rng(seed)
+    sites: dict[str, list[str]] = {}
+    for case_id in ids:
+        sites.setdefault(site_of(case_id), []).append(case_id)
+    order = [sites[site][i] for site in sorted(sites) for i in rng.permutation(len(sites[site]))]
+    return {case_id: position % folds for position, case_id in enumerate(order)}
+
+
+def split_cases(case_ids: list[str], cfg: SplitConfig, seed: int) -> dict[str, list[str]]:
+    """Split by patient (never by slice). "kfold": fold ``cfg.fold`` of ``kfold_assignment`` is validation;
+    "all": every case trains (final models after cross-validation); "ratio": a seeded shuffle of the sorted ids."""
+    ids = sorted(case_ids)
+    if cfg.mode == "all":
+        return {"train": ids, "val": [], "test": []}
     if cfg.mode == "kfold":
-        if cfg.fold >= cfg.folds or cfg.folds > len(ids):
-            raise NeuroMapError(f"k-fold: fold {cfg.fold} of {cfg.folds} impossible with {len(ids)} cases.")
-        folds = np.array_split(np.arange(len(ids)), cfg.folds)
-        val = set(folds[cfg.fold].tolist())
-        split = {"train": [order[i] for i in range(len(ids)) if i not in val], "val": [order[i] for i in sorted(val)]}
-        split["test"] = []
-    else:
-        n = len(ids)
-        n_val = max(1, round(cfg.ratios[1] * n))
-        n_test = round(cfg.ratios[2] * n) if len(cfg.ratios) == 3 else 0
-        if n - n_val - n_test < 1:
-            raise NeuroMapError(f"split {cfg.ratios} leaves no training case out of {n}; add cases or change ratios.")
-        split = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        if cfg.fold >= cfg.folds:
+            raise NeuroMapError(f"k-fold: fold {cfg.fold} does not exist; folds are 0..{cfg.folds - 1}.")
+        assignment = kfold_assignment(ids, cfg.folds, seed)
+        return {"train": [i for i in ids if assignment[i] != cfg.fold],
+                "val": [i for i in ids if assignment[i] == cfg.fold], "test": []}
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    n = len(ids)
+    n_val = max(1, round(cfg.ratios[1] * n))
+    n_test = round(cfg.ratios[2] * n) if len(cfg.ratios) == 3 else 0
+    if n - n_val - n_test < 1:
+        raise NeuroMapError(f"split {cfg.ratios} leaves no training case out of {n}; add cases or change ratios.")
+    split = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
     return {k: sorted(v) for k, v in split.items()}
 
 
@@ -74,7 +99,8 @@ def prepare_case(case: Case, cfg: TrainConfig) -> PreparedCase:
 
 
 def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
-    """MONAI dictionary transforms; images bilinear, labels nearest."""
+    """MONAI dictionary transforms; images bilinear, labels nearest. The intensity transforms after the spatial
+    ones imitate other scanners and older protocols (bias field, contrast, noise, blur, thick slices)."""
     keys, modes = ["image", "label"], ("bilinear", "nearest")
     out: list[mt.Transform] = []
     if cfg.flip:
@@ -87,12 +113,24 @@ def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
     if cfg.scale != (1.0, 1.0):
         out.append(mt.RandZoomd(keys, prob=cfg.prob, min_zoom=cfg.scale[0], max_zoom=cfg.scale[1], mode=modes,
                                 keep_size=True))
+    if cfg.low_resolution is not None:
+        out.append(mt.RandSimulateLowResolutiond("image", prob=cfg.prob, zoom_range=cfg.low_resolution,
+                                                 upsample_mode="bilinear" if dims == 2 else "trilinear"))
+    if cfg.bias_field > 0:
+        out.append(mt.RandBiasFieldd("image", coeff_range=(0.0, cfg.bias_field), prob=cfg.prob))
     if cfg.intensity_scale > 0:
-        out.append(mt.RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.prob))
+        out.append(mt.RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.prob,
+                                          channel_wise=cfg.channel_wise))
     if cfg.intensity_shift > 0:
-        out.append(mt.RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.prob))
+        out.append(mt.RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.prob,
+                                          channel_wise=cfg.channel_wise))
     if cfg.gamma is not None:
         out.append(mt.RandAdjustContrastd("image", prob=cfg.prob, gamma=cfg.gamma))
+    if cfg.blur_sigma is not None:
+        out.append(mt.RandGaussianSmoothd("image", sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma,
+                                          sigma_z=cfg.blur_sigma, prob=cfg.prob))
+    if cfg.noise_std > 0:
+        out.append(mt.RandGaussianNoised("image", prob=cfg.prob, std=cfg.noise_std))
     return out
 
 
@@ -102,7 +140,8 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, cases: list[PreparedCase], cfg: TrainConfig, rank: int = 0) -> None:
         self.cases, self.cfg, self.rank, self.epoch = cases, cfg, rank, 0
         dims = cfg.model.spatial_dims
-        size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 1)
+        self.context = cfg.preprocess.context_slices
+        size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 2 * self.context + 1)
         self.crop = mt.RandCropByPosNegLabeld(
             ["image", "label"], "label", spatial_size=size, pos=cfg.tumour_sampling,
             neg=1.0 - cfg.tumour_sampling, num_samples=1, fg_indices_key="fg", bg_indices_key="bg",
@@ -125,8 +164,10 @@ class PatchDataset(torch.utils.data.Dataset):
         sample = {"image": case.image, "label": case.seg[None], "fg": case.fg, "bg": case.bg}
         sample = self.pad(self.crop(sample)[0])
         sample = {k: sample[k] for k in ("image", "label")}
-        if self.cfg.model.spatial_dims == 2:
-            sample = {k: v[..., 0] for k, v in sample.items()}
+        if self.cfg.model.spatial_dims == 2:  # (C, X, Y, 2k + 1) -> (C * (2k + 1), X, Y), as inference.slice_stack
+            image = np.asarray(sample["image"])
+            sample = {"image": np.moveaxis(image, -1, 1).reshape(-1, *image.shape[1:3]),
+                      "label": np.asarray(sample["label"])[..., self.context]}
         sample = self.augment(sample)
         image = torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32)
         label = torch.as_tensor(np.asarray(sample["label"]), dtype=torch.long)

@@ -138,14 +138,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     model = spec.build()
     if cfg.init_checkpoint and not resume:
         spec.info["init_checkpoint"] = _warm_start(model, cfg.init_checkpoint)
-    model = model.to(device)
+    # channels_last: 2D convolutions train 2-4x faster on CPU (oneDNN); measured on the 2D U-Net, 2 threads.
+    memory_format = torch.channels_last if cfg.model.spatial_dims == 2 else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer]
     extra = {"momentum": 0.99, "nesterov": True} if cfg.optimizer == "sgd" else {}
     optimizer = optim_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
-    )
+    if cfg.lr_schedule == "poly":  # stepped once per epoch, whatever the validation says
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / cfg.epochs) ** 0.9)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
     loss_fn = make_loss(cfg).to(device)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -160,7 +165,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         state = saved["state"]
 
     dataset = PatchDataset(train_cases, cfg, rank=rank)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    # Workers are re-created every epoch (not persistent) so they see the epoch set on the dataset; samples are
+    # seeded by index, so the batches are the same with any number of workers.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                                         num_workers=cfg.loader_workers)
     started = time.time() - state["seconds"]
     stopped = "epochs"
     for epoch in range(state["epoch"], cfg.epochs):
@@ -173,7 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0,
                    leave=False, file=sys.stderr)
         for image, label in bar:
-            image, label = image.to(device), label.to(device)
+            image, label = image.to(device, memory_format=memory_format), label.to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=amp):
                 loss = loss_fn(net(image), label)
@@ -184,15 +192,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
         score = torch.tensor(-1.0)
+        if cfg.lr_schedule == "poly":
+            scheduler.step()
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            if rank == 0:
+            val: dict[str, float] = {}
+            if rank == 0 and val_cases:
                 val = validate(model, spec, val_cases, device)
                 score = torch.tensor(val["mean"])
                 row.update({f"val_dice_{k}": v for k, v in val.items()})
             if world > 1:
                 dist.broadcast(score, src=0)
-            scheduler.step(float(score))
-            if float(score) > state["best"]:
+            if cfg.lr_schedule == "plateau":
+                scheduler.step(float(score))
+            # select "last": the newest weights are kept whatever validation says (fixed budget, nnU-Net style)
+            if float(score) > state["best"] or cfg.select == "last":
                 state.update(best=float(score), best_epoch=epoch + 1, bad=0)
                 if rank == 0:
                     # update, not replace: the warm-start record (init_checkpoint) stays in best.pt
@@ -213,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
             val_text = f" val Dice {row.get('val_dice_mean', float('nan')):.3f}" if "val_dice_mean" in row else ""
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f}{val_text} "
                   f"({row['seconds']:.0f}s, best {state['best']:.3f} @ {state['best_epoch']})", file=sys.stderr)
-        if state["bad"] >= cfg.early_stopping_patience:
+        if cfg.select == "best" and state["bad"] >= cfg.early_stopping_patience:
             stopped = "early stopping"
             break
         if cfg.max_minutes and state["seconds"] > cfg.max_minutes * 60:

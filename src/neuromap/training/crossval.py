@@ -1,0 +1,105 @@
+"""Cross-validation: every fold of a config trained (resumable), every case scored once, out of fold.
+
+``neuromap cv CFG`` runs the folds one after another in ``<run>/fold_<k>/`` (a finished fold is skipped, an
+interrupted one resumed from its ``last.pt``), then segments each fold's held-out cases with that fold's model
+through the same code path as ``neuromap segment`` (labels in each case's own grid) and scores the pooled
+predictions with ``neuromap evaluate``. With ``select: last`` in the config the held-out fold never steers the
+model (no checkpoint choice, no early stopping), so the pooled table is a fair estimate for unseen patients.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from neuromap.config import TrainConfig
+from neuromap.errors import NeuroMapError
+from neuromap.tasks import get_task
+
+
+def run_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir or f"runs/{cfg.name}")
+
+
+def fold_config(cfg: TrainConfig, fold: int) -> TrainConfig:
+    """The config of one fold: k-fold split with ``fold`` held out, its own folder under the run."""
+    split = cfg.split.model_copy(update={"mode": "kfold", "fold": fold})
+    folded = cfg.model_copy(update={"split": split, "output_dir": str(run_root(cfg) / f"fold_{fold}")})
+    return TrainConfig.model_validate(folded.model_dump())  # re-validates the fold number against folds
+
+
+def train_folds(cfg: TrainConfig, folds: list[int], progress: bool = True) -> None:
+    """Train each fold unless it finished; resume it when it was interrupted."""
+    from neuromap.training.loop import train
+
+    for fold in folds:
+        fold_cfg = fold_config(cfg, fold)
+        run_dir = Path(fold_cfg.output_dir)
+        if (run_dir / "summary.json").is_file():
+            continue
+        train(fold_cfg, resume=(run_dir / "last.pt").is_file(), progress=progress)
+
+
+def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
+    """Segment every held-out case with its fold's model, score the pool; writes ``<run>/oof/`` (predictions,
+    reports, overlays), ``<run>/oof_eval/`` (metrics.csv, summary.json, boxplot.png) and ``<run>/oof_table.md``."""
+    from neuromap.config import InferenceConfig
+    from neuromap.evaluation import evaluate
+    from neuromap.segmenter import Segmenter
+    from neuromap.training.data import find_training_cases
+
+    root = run_root(cfg)
+    cases = {c.case_id: c for c in find_training_cases(cfg.data_roots)}
+    missing = [f for f in folds if not (root / f"fold_{f}" / "best.pt").is_file()]
+    if missing:
+        raise NeuroMapError(f"{root}: folds {missing} have no trained model yet. Fix: run `neuromap cv` without "
+                            "--evaluate-only to train them first.")
+    pred_dir = root / "oof"
+    fold_of: dict[str, int] = {}
+    for fold in folds:
+        held_out = json.loads((root / f"fold_{fold}" / "split.json").read_text())["val"]
+        fold_of.update({case_id: fold for case_id in held_out})
+        segmenter = Segmenter(str(root / f"fold_{fold}" / "best.pt"), InferenceConfig())
+        segmenter.segment([cases[case_id] for case_id in held_out], pred_dir, overwrite=True)
+    with tempfile.TemporaryDirectory(prefix="neuromap-cv-") as tmp:
+        # Ground truth: links to the held-out case folders, so cases from several data roots form one folder.
+        for case_id in fold_of:
+            os.symlink(cases[case_id].root.resolve(), Path(tmp) / case_id)
+        summary = evaluate(pred_dir, tmp, root / "oof_eval", hd95=hd95, overwrite=True, task=cfg.task)
+    table = oof_table(root / "oof_eval" / "metrics.csv", fold_of, cfg.task)
+    (root / "oof_table.md").write_text(table)
+    return summary
+
+
+def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
+    """Markdown: one row per case (fold, Dice and HD95 per region), then mean, median, min and n per column."""
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    structures = get_task(task).headline  # WT, TC, ET for BraTS; abnormality for binary: all regions
+    per_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row["structure"] in structures and row["kind"] == "region":
+            per_case.setdefault(row["case_id"], {})[f"dice_{row['structure']}"] = float(row["dice"])
+            per_case[row["case_id"]][f"hd95_{row['structure']}"] = float(row["hd95"]) if row.get("hd95") else np.nan
+    columns = [f"dice_{s}" for s in structures] + [f"hd95_{s}" for s in structures]
+    if len(structures) > 1:
+        for values in per_case.values():
+            values["dice_mean"] = float(np.mean([values[f"dice_{s}"] for s in structures]))
+        columns.insert(len(structures), "dice_mean")
+    header = "| case | fold | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    for case_id in sorted(per_case, key=lambda c: per_case[c].get("dice_mean", per_case[c][columns[0]])):
+        values = per_case[case_id]
+        lines.append(f"| {case_id} | {fold_of.get(case_id, '')} | "
+                     + " | ".join(f"{values[c]:.3f}" if "dice" in c else f"{values[c]:.1f}" for c in columns) + " |")
+    for name, func in (("mean", np.nanmean), ("median", np.nanmedian), ("min", np.nanmin)):
+        cells = [func([v[c] for v in per_case.values()]) for c in columns]
+        lines.append(f"| **{name}** | | " + " | ".join(
+            f"{x:.3f}" if "dice" in c else f"{x:.1f}" for x, c in zip(cells, columns, strict=True)) + " |")
+    lines.append("| **n** | | " + " | ".join(str(len(per_case)) for _ in columns) + " |")
+    return "\n".join(lines) + "\n"
