@@ -9,10 +9,12 @@ it never asks which layout it has.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nibabel as nib
 import numpy as np
 
 from neuromap.io.case import Case, Volume
@@ -53,9 +55,9 @@ class Prediction:
     case: Case
     volume: Volume
     internal: np.ndarray  # internal labels in the input grid
-    labels: object  # a nibabel image: ``internal`` in the output label convention, input grid and header
+    labels: nib.Nifti1Image  # ``internal`` in the output label convention, input grid and header
     task: Task
-    ras: object  # callable: input-grid array -> RAS-ordered array (for pictures)
+    ras: Callable[[np.ndarray], np.ndarray]  # input-grid array -> RAS order at input resolution (for pictures)
     ras_spacing: tuple[float, float, float]
 
 
