@@ -1,11 +1,12 @@
 """NeuroMap web app (Streamlit): upload one case, segment it, inspect the result, download the files.
 
-Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then
-`neuromap.segmentation.segment` runs exactly as for ``neuromap segment`` and writes the label NIfTI (input grid and
-affine), report JSON and overlay PNG into the session's private temp folder; the viewer and the downloads read
-those files. Start it with ``neuromap app`` (localhost only); settings come from environment variables that
-command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and ``NEUROMAP_APP_MODEL`` (a checkpoint
-path offered in the model list).
+Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then a
+`neuromap.segmenter.Segmenter` (cached across reruns, so the model is loaded once) segments the case exactly as
+``neuromap segment`` does and writes the label NIfTI (input grid and affine), report JSON and overlay PNG into the
+session's private temp folder; the viewer (`neuromap.app_viewer`) and the downloads read those files, and the
+model's task decides the table, legend and colours. Start it with ``neuromap app`` (localhost only); settings
+come from environment variables that command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and
+``NEUROMAP_APP_MODEL`` (a checkpoint path offered in the model list).
 """
 
 from __future__ import annotations
