@@ -473,7 +473,8 @@ def test_model_caption_gives_the_model_cards_numbers(monkeypatch, media, tmp_pat
     at.file_uploader[0].set_value(uploads(case)).run()
     button(at, "Segment").click().run()
     caption = text_of(at.caption)
-    assert "validation Dice WT 0.875 / TC 0.831 / ET 0.821 (4 cases, model card)" in caption and "{" not in caption
+    assert "validation Dice WT 0.875 / TC 0.831 / ET 0.821 (4 cases, validation split; model card)" in caption
+    assert "{" not in caption
     at.session_state.workspace.cleanup()
 
 

@@ -162,7 +162,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
-        segmenter = Segmenter(_model_arg(args.model), cfg, args.labels)
+        segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
         results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
     for r in results:
         print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", default=["."])
     p.add_argument("--modalities", help="comma list the cases must have, e.g. t1ce,flair")
     p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file (relative to the case "
-                   "folder when one is given)")
+                   "folder when one is given); DICOM: MODALITY=SERIES")
     p.add_argument("--model", nargs="+", help="check that these models (shipped names or checkpoints) can run, "
                    "instead of the shipped ones")
     p.set_defaults(func=cmd_validate)
@@ -304,12 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment case(s): label NIfTI (LGG slice folders: per-slice mask TIFFs), "
                        "report JSON and overlay PNG per case")
-    p.add_argument("inputs", nargs="*", help="case folder(s) or a folder of cases")
+    p.add_argument("inputs", nargs="*", help="case folder(s), a folder of cases, or a DICOM study folder")
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--model", nargs="+", help="shipped model name or checkpoint path; several = ensemble")
     p.add_argument("--map", "--modalities", dest="map", nargs="+",
                    help="MODALITY=FILE pairs or a YAML mapping file (one case; relative to the case folder "
-                   "when one is given)")
+                   "when one is given); with a DICOM study MODALITY=SERIES (SeriesInstanceUID, series number or "
+                   "exact description)")
+    p.add_argument("--dicom-seg", action="store_true", help="DICOM input: also write <case>_seg.dcm (DICOM SEG)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",

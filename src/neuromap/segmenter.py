@@ -25,6 +25,7 @@ from neuromap.errors import NeuroMapError
 from neuromap.export import labels_in_input_grid, output_image
 from neuromap.inference import predict_probs
 from neuromap.io import Case, atomic_path, cases_from_inputs, duplicate_ids
+from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
 from neuromap.labels import WRITABLE
@@ -61,15 +62,18 @@ class Segmenter:
 
     ``model``: a shipped name, a checkpoint path, several (an ensemble), or None for the best shipped model of
     each case's task and sequences (`neuromap.zoo.default_model`). ``labels``: the output label convention for
-    BraTS models (binary models always write "binary", see `neuromap.tasks`). Named models are loaded here, so
+    BraTS models (binary models always write "binary", see `neuromap.tasks`). ``dicom_seg``: DICOM cases also get
+    ``<case>_seg.dcm``, a DICOM SEG on the reference series. Named models are loaded here, so
     a bad path fails before any case; automatic choices are loaded on first use; each model is loaded once.
     """
 
-    def __init__(self, model: ModelChoice = None, cfg: InferenceConfig | None = None, labels: str = "brats") -> None:
+    def __init__(self, model: ModelChoice = None, cfg: InferenceConfig | None = None, labels: str = "brats",
+                 dicom_seg: bool = False) -> None:
         if labels not in WRITABLE:
             raise NeuroMapError(f"labels cannot be written as '{labels}'; choose one of {list(WRITABLE)}.")
         self.cfg = cfg or InferenceConfig()
         self.labels = labels
+        self.optional = (DICOM_SEG,) if dicom_seg else ()
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.device = self._device(self.cfg.device)
@@ -125,10 +129,15 @@ class Segmenter:
         models = self._models(model_files)
         spec = models[0][1]
         task = task_of(spec)
+        if set(self.optional) - set(layout.optional_outputs):
+            raise NeuroMapError(
+                f"case '{case.case_id}' ({case.root}): --dicom-seg needs a DICOM input (a DICOM SEG must reference "
+                "the source images). Fix: segment the DICOM study, or leave out --dicom-seg."
+            )
         files: dict[str, Path] = {}
         if output_dir is not None:
-            files = layout.output_files(case, Path(output_dir))
-            _guard_outputs(case, layout.planned_writes(case, Path(output_dir)), overwrite)
+            files = layout.output_files(case, Path(output_dir), self.optional)
+            _guard_outputs(case, layout.planned_writes(case, Path(output_dir), self.optional), overwrite)
         volume = layout.load(case, spec.modalities, with_seg=False)
         timings["load_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -142,8 +151,8 @@ class Segmenter:
         internal, notes = postprocess(labels_in_input_grid(probs, inverse, task),
                                       volume.voxel_ml if volume.spacing_known else None, cfg, task.postprocess_steps())
         convention = task.output_convention(self.labels)
-        prediction = Prediction(case, volume, internal, output_image(internal, volume.reference, convention), task,
-                                inverse.ras, inverse.ras_spacing)
+        prediction = Prediction(case, volume, spec, internal, output_image(internal, volume.reference, convention),
+                                task, inverse.ras, inverse.ras_spacing)
         warnings = [*notes, *volume.warnings]
         if spec.preprocess.mode == "2d" and spec.preprocess.slice_range is not None:
             warnings.append(f"2D model: only axial slices {spec.preprocess.slice_range} were segmented.")
@@ -191,16 +200,19 @@ def _guard_outputs(case: Case, targets: list[Path], overwrite: bool) -> None:
 
 def segment(
     inputs: Inputs, output_dir: str | Path | None = None, model: ModelChoice = None, labels: str = "brats",
-    overwrite: bool = False, progress: bool = False, cfg: InferenceConfig | None = None, **options,
+    overwrite: bool = False, progress: bool = False, cfg: InferenceConfig | None = None,
+    mapping: Mapping[str, str | Path] | None = None, dicom_seg: bool = False, **options,
 ) -> list[SegmentResult]:
     """Segment one or many cases (the Python face of ``neuromap segment``).
 
     ``inputs``: a case folder, a parent folder of cases, a list of those, or a mapping
-    ``{"t1ce": path_or_nibabel_image, "flair": ...}`` for one case (`neuromap.io.inputs`). Inference options
+    ``{"t1ce": path_or_nibabel_image, "flair": ...}`` for one case; ``mapping`` is the same with one case folder
+    (``--map``), or for a DICOM study its series by modality (`neuromap.io.inputs`). ``dicom_seg`` adds a DICOM
+    SEG output to DICOM cases. Inference options
     come as an InferenceConfig (``cfg``) or as its fields (``tta=True, device="cpu"``), not both. Returns one
     result per case with the label image (input grid, ``labels`` convention) and the report dict; files are
     written when ``output_dir`` is set.
     """
-    segmenter = Segmenter(model, inference_config(cfg, options), labels)
-    with cases_from_inputs(inputs) as cases:
+    segmenter = Segmenter(model, inference_config(cfg, options), labels, dicom_seg)
+    with cases_from_inputs(inputs, mapping) as cases:
         return segmenter.segment(cases, output_dir, overwrite, progress)

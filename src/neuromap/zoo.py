@@ -30,6 +30,7 @@ class ShippedModel:
     card: Path | None = None
     val_dice: dict[str, float] = field(default_factory=dict)
     n_val: int | None = None
+    val_kind: str = "validation split"  # or "cross-validation, out of fold"
 
     @property
     def mean_val_dice(self) -> float:
@@ -39,12 +40,13 @@ class ShippedModel:
         return set(self.modalities) <= set(available)
 
     def validation_text(self) -> str:
-        """'validation Dice WT 0.885 / TC 0.868 / ET 0.829 (4 cases, model card)', as the card rounds them."""
+        """'validation Dice WT 0.885 / TC 0.868 / ET 0.829 (4 cases, validation split; model card)', rounded as
+        the card rounds them."""
         if not self.val_dice:
             return "no measured validation Dice"
         scores = " / ".join(f"{k} {v:.3f}" for k, v in self.val_dice.items())
         cases = f"{self.n_val} cases, " if self.n_val else ""
-        return f"validation Dice {scores} ({cases}model card)"
+        return f"validation Dice {scores} ({cases}{self.val_kind}; model card)"
 
 
 def shipped_models() -> dict[str, ShippedModel]:
@@ -57,7 +59,7 @@ def shipped_models() -> dict[str, ShippedModel]:
         name: ShippedModel(
             name=name, file=WEIGHTS_DIR / e["file"], modalities=tuple(e["modalities"]), task=e.get("task", "brats"),
             architecture=e.get("architecture", ""), card=WEIGHTS_DIR / e["card"] if e.get("card") else None,
-            val_dice=dict(e.get("val_dice", {})), n_val=e.get("n_val"),
+            val_dice=dict(e.get("val_dice", {})), n_val=e.get("n_val"), val_kind=e.get("val_kind", "validation split"),
         )
         for name, e in entries.items()
     }

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 if TYPE_CHECKING:
+    from neuromap.io.dicom_map import StudyChoice
     from neuromap.io.layout import Layout
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -42,9 +43,9 @@ class Case:
     """One patient's files; nothing is read until ``case.layout.load(case)``.
 
     ``naming`` says which naming convention was recognised (brats, brats2023, brats-toolkit, plain, msd,
-    mapping, kaggle_3m) and is only shown to people. ``slices`` and ``problems`` are filled by slice-folder
+    mapping, kaggle_3m, dicom) and is only shown to people. ``slices`` and ``problems`` are filled by slice-folder
     layouts: the slices in stacking order, and naming problems found at discovery that loading must report
-    (discovery itself never fails for one broken patient, so the others stay usable).
+    (discovery itself never fails for one broken patient, so the others stay usable); ``study`` by DICOM.
     """
 
     case_id: str
@@ -57,6 +58,7 @@ class Case:
     brain_mask: Path | None = None
     slices: list[Slice] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    study: StudyChoice | None = None  # DICOM: the series chosen for each sequence, and those left out
 
     @property
     def modalities(self) -> list[str]:

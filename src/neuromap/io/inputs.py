@@ -3,7 +3,9 @@
 Inputs are case folders, parent folders of cases (any layout), a list of those, or a mapping
 ``{modality or "seg"/"mask": file or nibabel image}`` for one case. A mapping may come with at most one case
 folder: relative files in the mapping are then taken from that folder, otherwise from the current working
-directory (a YAML mapping file has already made its entries relative to itself, see `read_mapping_file`).
+directory (a YAML mapping file has already made its entries relative to itself, see `read_mapping_file`). With a
+DICOM study folder the mapping names series instead (modality -> SeriesInstanceUID, series number or exact
+description).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import yaml
 
 from neuromap.errors import NeuroMapError
 from neuromap.io.case import Case
-from neuromap.io.layouts import NIFTI, discover_cases
+from neuromap.io.layouts import DICOM, NIFTI, discover_cases
 
 Inputs = str | Path | Sequence[str | Path] | Mapping[str, str | Path | nib.spatialimages.SpatialImage] | None
 
@@ -41,6 +43,9 @@ def cases_from_inputs(inputs: Inputs, mapping: Mapping[str, str | Path] | None =
             return
         if len(paths) > 1:
             raise NeuroMapError("--map describes one case; give at most one case folder with it.")
+        if paths and DICOM.claims(Path(paths[0])):  # a DICOM study: the mapping names its series
+            yield DICOM.cases(paths[0], {k: str(v) for k, v in mapping.items()})
+            return
         base = Path(paths[0]) if paths else Path()  # Path() / "a.nii.gz": relative to the working directory
         files: dict[str, Path] = {}
         for key, value in mapping.items():

@@ -20,6 +20,7 @@ import numpy as np
 from neuromap.io.case import Case, Volume
 
 if TYPE_CHECKING:
+    from neuromap.checkpoint import ModelSpec
     from neuromap.tasks import Task
 
 
@@ -54,6 +55,7 @@ class Prediction:
 
     case: Case
     volume: Volume
+    spec: ModelSpec  # the model that made it
     internal: np.ndarray  # internal labels in the input grid
     labels: nib.Nifti1Image  # ``internal`` in the output label convention, input grid and header
     task: Task
@@ -73,6 +75,7 @@ class Layout:
     label_key: str
     spacing_known: bool = True
     scores_slices: bool = False  # evaluation also scores each slice in 2D (slice stacks)
+    optional_outputs: tuple[str, ...] = ()  # outputs written only on request (DICOM: "seg.dcm", a DICOM SEG)
 
     # ---- discovery and loading
     def claims(self, folder: Path) -> bool:
@@ -91,11 +94,12 @@ class Layout:
         raise NotImplementedError
 
     # ---- outputs of a segmentation
-    def output_files(self, case: Case, out: Path) -> dict[str, Path]:
-        """The outputs by name (``label_key``, "report.json", "overlay.png"), as `SegmentResult.files` gives them."""
+    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
+        """The outputs by name (``label_key``, "report.json", "overlay.png" and the requested ``optional`` ones),
+        as `SegmentResult.files` gives them."""
         raise NotImplementedError
 
-    def planned_writes(self, case: Case, out: Path) -> list[Path]:
+    def planned_writes(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> list[Path]:
         """Every file that will be created, checked against inputs and existing files before any work."""
         raise NotImplementedError
 

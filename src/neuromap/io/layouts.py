@@ -7,18 +7,24 @@ from pathlib import Path
 
 from neuromap.errors import NeuroMapError
 from neuromap.io.case import Case, Volume
+from neuromap.io.dicom_layout import DicomLayout
 from neuromap.io.layout import LabelFile, Layout
 from neuromap.io.lgg import LggSliceLayout
 from neuromap.io.nifti import NiftiLayout
 
 NIFTI = NiftiLayout()
 LGG = LggSliceLayout()
-# NIfTI first: a folder with NIfTI files is a NIfTI case even if a stray .tif lies next to them.
-LAYOUTS: tuple[Layout, ...] = (NIFTI, LGG)
+DICOM = DicomLayout()
+# Layouts of a folder per case, asked in order for a folder and then for each folder below it. NIfTI first: a
+# folder with NIfTI files is a NIfTI case even if a stray .tif lies next to them.
+FOLDER_LAYOUTS: tuple[Layout, ...] = (NIFTI, LGG)
+# Layouts that read a whole tree (a DICOM export), asked only when the folder layouts found nothing.
+TREE_LAYOUTS: tuple[Layout, ...] = (DICOM,)
+LAYOUTS: tuple[Layout, ...] = (*FOLDER_LAYOUTS, *TREE_LAYOUTS)
 
 
 def _claimed(folder: Path) -> Layout | None:
-    return next((layout for layout in LAYOUTS if layout.claims(folder)), None)
+    return next((layout for layout in FOLDER_LAYOUTS if layout.claims(folder)), None)
 
 
 def discover_cases(root: str | Path) -> list[Case]:
@@ -39,9 +45,12 @@ def discover_cases(root: str | Path) -> list[Case]:
         if layout is not None:
             cases.extend(layout.discover(sub))
     if not cases:
+        tree = next((layout for layout in TREE_LAYOUTS if layout.claims(root)), None)
+        if tree is not None:
+            return tree.discover(root)
         raise NeuroMapError(
             f"{root}: no cases found (no NIfTI files, MSD dataset.json or LGG .tif slices here or one level "
-            "below). Fix: point to a case folder or a folder of case folders."
+            "below, no DICOM files). Fix: point to a case folder, a folder of case folders or a DICOM study."
         )
     return cases
 

@@ -239,11 +239,11 @@ class LggSliceLayout(Layout):
             raise ValueError(f"label shape {labels.shape} does not match the case's slices {expected}")
         return write_masks(labels, targets, Path(out_dir), overwrite, stack)
 
-    def output_files(self, case: Case, out: Path) -> dict[str, Path]:
+    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
         return {self.label_key: out / case.case_id,
                 **{k: out / f"{case.case_id}_{k}" for k in ("report.json", "overlay.png")}}
 
-    def planned_writes(self, case: Case, out: Path) -> list[Path]:
+    def planned_writes(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> list[Path]:
         files = self.output_files(case, out)
         return [*self.mask_paths(case, files[self.label_key]), files["report.json"], files["overlay.png"]]
 

@@ -244,11 +244,11 @@ class NiftiLayout(Layout):
 
     # ------------------------------------------------------------------------------------- outputs
 
-    def output_files(self, case: Case, out: Path) -> dict[str, Path]:
+    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
         return {k: out / f"{case.case_id}_{k}" for k in (self.label_key, "report.json", "overlay.png")}
 
-    def planned_writes(self, case: Case, out: Path) -> list[Path]:
-        return list(self.output_files(case, out).values())
+    def planned_writes(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> list[Path]:
+        return list(self.output_files(case, out, optional).values())
 
     def stage_labels(self, prediction: Prediction, files: dict[str, Path], stack: contextlib.ExitStack,
                      overwrite: bool) -> None:
