@@ -29,9 +29,9 @@ DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_2013_2_1
 
 
 def run_neuromap(case: str, model: str | None, out: str) -> None:
-    from neuromap.segmentation import segment
+    import neuromap
 
-    segment(case, out, model=model, overwrite=True)
+    neuromap.segment(case, out, model=model, overwrite=True)
 
 
 def run_monai_reference(case: str, model: str | None, out: str) -> None:
@@ -42,10 +42,10 @@ def run_monai_reference(case: str, model: str | None, out: str) -> None:
 
     from neuromap.checkpoint import load_model
     from neuromap.io import discover_cases
-    from neuromap.segmentation import resolve_model_paths
+    from neuromap.zoo import resolve_model_paths
 
     (c,) = discover_cases(case)
-    net, spec = load_model(resolve_model_paths(model, c.modalities)[0])
+    net, spec = load_model(resolve_model_paths(model, c.modalities, c.layout.task)[0])
     keys = spec.modalities
     pre = [
         mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.ConcatItemsd(keys, "image"),

@@ -21,7 +21,9 @@ from pathlib import Path
 from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from neuromap.evaluation import evaluate
 from neuromap.io import discover_cases
-from neuromap.segmentation import WEIGHTS_DIR, segment
+from neuromap.segmenter import segment
+from neuromap.tasks import get_task
+from neuromap.zoo import WEIGHTS_DIR, register_shipped
 
 
 def measure(weights: Path, case_dirs: list[Path], gt_root: Path, task: str) -> dict:
@@ -67,16 +69,15 @@ def main() -> None:
     save_checkpoint(target, spec, payload["state_dict"], half=True)
 
     root = Path(run_cfg["data_roots"][0])
-    by_id = {c.case_id: c.root for c in discover_cases(root)}
+    cases = discover_cases(root)
+    by_id = {c.case_id: c.root for c in cases}
     measured = {part: measure(target, [by_id[i] for i in split[part]], root, spec.task)
                 for part in ("val", "test") if split.get(part)}
     if args.cv:
         measured["out-of-fold"] = {"summary": json.loads((args.cv / "oof_eval" / "summary.json").read_text()),
                                    "seconds_per_case": []}
     held_out = measured["out-of-fold" if args.cv else "val"]["summary"]
-    index_path = WEIGHTS_DIR / "models.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    index[args.name] = {
+    register_shipped(args.name, {
         "file": target.name, "modalities": spec.modalities, "task": spec.task, "architecture": spec.model.name,
         "card": f"{args.name}.md",
         # the model choice breaks ties with this Dice: out of fold for cross-validated recipes
@@ -84,8 +85,7 @@ def main() -> None:
                      for r in held_out["structures"] if r["kind"] == "region"},
         "n_val": held_out["n_cases"],
         "val_kind": "cross-validation, out of fold" if args.cv else "validation split",
-    }
-    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    })
 
     size_mb = target.stat().st_size / 2**20
     card = [
@@ -96,12 +96,10 @@ def main() -> None:
         f"output `{spec.model.out}`; {sum(v.numel() for v in payload['state_dict'].values()):,} parameters; "
         f"weights stored as float16 ({size_mb:.1f} MB), run in float32.",
         f"- Input sequences: {', '.join(spec.modalities)}. Preprocessing: `{spec.preprocess.model_dump()}`.",
-        "- Task: " + ("BraTS: labels 1 NCR/NET, 2 ED, 3 ET internally (written as BraTS 1, 2, 4)."
-                      if spec.task == "brats" else "binary FLAIR abnormality (masks written as 0/255 .tif)."), "",
+        f"- Task: {spec.task}: {get_task(spec.task).description}", "",
         "## Data and split",
-        f"- Data: `{root}`: " + ("BraTS 2018 training cases with expert labels (all four sequences)"
-                                 if spec.task == "brats" else "LGG kaggle_3m patients (2D slices, FLAIR abnormality "
-                                 "masks; pixel spacing unknown)")
+        f"- Data: `{root}`: {len(cases)} cases with expert labels ({cases[0].naming} naming"
+        + ("" if cases[0].layout.spacing_known else "; pixel spacing unknown") + ")"
         + (f". Trained on all {len(split['train'])} labelled cases (no hold-out); its recipe was cross-validated "
            f"in `{args.cv}` ({run_cfg['split']['folds']} patient-level folds stratified by site, seed "
            f"{run_cfg['seed']}, `neuromap cv {args.cv_config}`)." if args.cv else
@@ -126,13 +124,13 @@ def main() -> None:
     ]
     for part, result in measured.items():
         summ = result["summary"]
-        unit = "mm" if spec.task == "brats" else "pixels"
+        unit = "mm" if summ["hd95_unit"] == "mm" else "pixels"
         card += ["", f"### {part} cases (n = {summ['n_cases']})", "", table(summ, unit=unit)]
         if part == "out-of-fold":
             card += ["", "Each case scored once, by the fold model that never saw it (fixed budget, last checkpoint: "
                      "the held-out fold steered nothing). Per case, worst first:", "",
                      (args.cv / "oof_table.md").read_text()]
-        if "per_slice" in summ:  # binary LGG task: per-patient (3D) above, per-slice below
+        if "per_slice" in summ:  # slice stacks: per-patient (3D) above, per-slice below
             slices = summ["per_slice"]
             card += ["", "Per patient above (3D over each slice stack). Per slice, all slices "
                      f"(n = {slices['n_slices']}):", "", table(summ, slices["all_slices"], unit), "",

@@ -20,7 +20,7 @@ import torch
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-import neuromap.segmentation
+import neuromap.zoo
 from neuromap import cli
 from neuromap.checkpoint import ModelSpec, save_checkpoint
 from neuromap.config import ModelConfig, PreprocessConfig
@@ -70,10 +70,10 @@ def media(monkeypatch) -> dict:
 
 
 @pytest.fixture
-def app(monkeypatch, tiny_model) -> Iterator[AppTest]:
+def app(monkeypatch, tiny_model, tmp_path_factory) -> Iterator[AppTest]:
     """The page with no shipped models (so tests do not depend on what is trained) and the tiny checkpoint
     offered as ``neuromap app --model`` would."""
-    monkeypatch.setattr(neuromap.segmentation, "shipped_models", lambda: {})
+    monkeypatch.setattr(neuromap.zoo, "WEIGHTS_DIR", tmp_path_factory.mktemp("no_weights"))
     monkeypatch.setenv("NEUROMAP_APP_MODEL", str(tiny_model))
     monkeypatch.delenv("NEUROMAP_APP_MAX_UPLOAD_MB", raising=False)
     at = AppTest.from_file(str(APP), default_timeout=120)
@@ -347,17 +347,18 @@ def test_workspace_is_deleted_on_cleanup_and_when_dropped(tmp_path):
 
 
 def test_render_slice_colours_labels_in_mm_proportions():
-    from neuromap.app import render_slice
+    from neuromap.app_viewer import render_slice
+    from neuromap.tasks import BRATS_COLOURS
 
     background = np.zeros((10, 20, 6), np.float32)
     labels = np.zeros((10, 20, 6), np.uint8)
     labels[2, 5, 3] = 3  # ET
-    picture = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2, 3})
+    picture = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2, 3}, BRATS_COLOURS)
     assert picture.shape == (20, 10, 3) and picture.dtype == np.uint8
     assert tuple(picture[20 - 1 - 5, 2]) == (255, 216, 0)  # yellow, anterior (high y) up
-    hidden = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2})
+    hidden = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2}, BRATS_COLOURS)
     assert not hidden.any()
-    sagittal = render_slice(background, labels, 0, 2, (1.0, 1.0, 2.0), (0.0, 1.0), 0.5, {3})
+    sagittal = render_slice(background, labels, 0, 2, (1.0, 1.0, 2.0), (0.0, 1.0), 0.5, {3}, BRATS_COLOURS)
     assert sagittal.shape == (12, 20, 3)  # 6 slices of 2 mm shown 12 px high
 
 
@@ -390,3 +391,98 @@ def test_cli_app_runs_streamlit_on_localhost(monkeypatch, tiny_model):
     assert env["NEUROMAP_APP_MAX_UPLOAD_MB"] == "50.0" and env["NEUROMAP_APP_MODEL"] == str(tiny_model)
     assert cli.main(["app", "--model", "/no/such.pt"]) == cli.EXIT_USER_ERROR
     assert cli.main(["app", "--max-upload-mb", "0"]) == cli.EXIT_USER_ERROR
+
+
+# ------------------------------------------------------------------------------------------------ task-driven page
+
+
+def tiny_binary_checkpoint(path: Path) -> Path:
+    """Like `tiny_checkpoint`, for the binary task (as lgg_unet2d): t1, flair, t1ce in, one abnormality label out."""
+    torch.manual_seed(0)
+    spec = ModelSpec(ModelConfig(name="unet2d", spatial_dims=2, options={"features": [8, 8, 16, 16, 32, 8]}),
+                     PreprocessConfig(mode="2d", slice_size=(64, 64), modalities=["t1", "flair", "t1ce"]),
+                     "binary", (64, 64), 2)
+    return save_checkpoint(path, spec, spec.build().state_dict())
+
+
+def page_with(monkeypatch, tmp_path: Path, model: Path | None, weights: Path | None = None) -> AppTest:
+    monkeypatch.setattr(neuromap.zoo, "WEIGHTS_DIR", weights or tmp_path / "no_weights")
+    if model is None:
+        monkeypatch.delenv("NEUROMAP_APP_MODEL", raising=False)
+    else:
+        monkeypatch.setenv("NEUROMAP_APP_MODEL", str(model))
+    return AppTest.from_file(str(APP), default_timeout=120).run()
+
+
+def test_binary_model_result_panel_viewer_and_downloads(monkeypatch, media, tmp_path):
+    """Defect 4: a binary model (lgg_unet2d) on a NIfTI case shows its one structure, draws it as abnormality
+    (not NCR/NET) and offers the downloads; no KeyError."""
+    at = page_with(monkeypatch, tmp_path, tiny_binary_checkpoint(tmp_path / "binary.pt"))
+    case = write_synthetic_case(tmp_path / "in", "Bin1", shape=(40, 40, 16), with_seg=False)
+    at.file_uploader[0].set_value(uploads(case)).run()
+    button(at, "Segment").click().run()
+    assert not at.exception and not at.error, text_of(at.error)
+    assert list(at.table[0].value["Region"]) == ["abnormality"]
+    assert [c.label for c in at.checkbox if c.key.startswith("show_")] == ["abnormality"]
+    legend = text_of(at.markdown)
+    assert "abnormality (predicted)" in legend and "NCR/NET" not in legend
+    assert "Labels in the NIfTI: 1 abnormality (binary convention)" in text_of(at.caption)
+    files = downloads(at, media)
+    assert sorted(files) == ["Label map (NIfTI, input grid)", "Overlay (PNG)", "Report (JSON)"]
+    labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1}
+    assert json.loads(files["Report (JSON)"])["label_convention"] == "binary"
+    at.session_state.workspace.cleanup()
+
+
+def test_failed_run_clears_the_previous_result_and_shows_why(app, media, tmp_path):
+    """Defect 4: after a failed run nothing of the previous result stays (its files are gone, so its download
+    button would fail), and the reason is shown in an error box outside the folded status."""
+    case = write_synthetic_case(tmp_path / "in", "F1", shape=(32, 32, 16), with_seg=False)
+    app.file_uploader[0].set_value(uploads(case)).run()
+    button(app, "Segment").click().run()
+    assert app.table and downloads(app, media)
+    app.selectbox(key="seq_0_2").set_value(IGNORE).run()  # files are sorted: flair, t1, t1ce, t2
+    button(app, "Segment").click().run()
+    assert not app.exception
+    assert "result" not in app.session_state and not app.table and not app.get("download_button")
+    assert any("Segmentation failed" in e.value and "missing modality ['t1ce']" in e.value for e in app.error)
+    app.selectbox(key="model_choice").run()  # any rerun: the reason stays until the next run or upload
+    assert "missing modality ['t1ce']" in text_of(app.error)
+
+
+def test_empty_upload_is_called_empty(app):
+    """Defect 4: a 0-byte file is reported as empty, not as 'not gzip data'."""
+    app.file_uploader[0].set_value(("scan_flair.nii.gz", b"", "application/gzip")).run()
+    assert "scan_flair.nii.gz: the file is empty (0 bytes)" in text_of(app.error)
+    with pytest.raises(NeuroMapError, match="the file is empty"):
+        check_nifti_header("scan_t1.nii", b"")
+
+
+def test_model_caption_gives_the_model_cards_numbers(monkeypatch, media, tmp_path, tiny_model):
+    """Defect 4: a shipped model's caption shows the measured validation Dice of models.json, rounded as its card
+    rounds them, not the checkpoint's raw training-time dict."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "tiny.pt").write_bytes(tiny_model.read_bytes())
+    (weights / "models.json").write_text(json.dumps({"tiny": {
+        "file": "tiny.pt", "modalities": ["t1", "t1ce", "t2", "flair"], "task": "brats", "card": "tiny.md",
+        "val_dice": {"WT": 0.8746, "TC": 0.8309, "ET": 0.8206}, "n_val": 4}}))
+    at = page_with(monkeypatch, tmp_path, None, weights)
+    case = write_synthetic_case(tmp_path / "in", "Cap1", shape=(32, 32, 16), with_seg=False)
+    at.file_uploader[0].set_value(uploads(case)).run()
+    button(at, "Segment").click().run()
+    caption = text_of(at.caption)
+    assert "validation Dice WT 0.875 / TC 0.831 / ET 0.821 (4 cases, validation split; model card)" in caption
+    assert "{" not in caption
+    at.session_state.workspace.cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(neuromap.zoo.shipped_models()))
+def test_shipped_validation_text_matches_the_model_card(name):
+    model = neuromap.zoo.shipped_models()[name]
+    card = model.card.read_text()
+    validation = card[card.index("### val cases"):card.index("### test cases")]
+    for structure, dice in model.val_dice.items():
+        assert f"| {structure} (region) | {dice:.3f} ±" in validation
+        assert f"{structure} {dice:.3f}" in model.validation_text()

@@ -1,6 +1,7 @@
 """End to end in headless Chromium: `neuromap app` serves the page, a real BraTS case is uploaded, segmented with a
-tiny checkpoint, the label NIfTI is downloaded and checked against the input grid, and a text file named .nii.gz
-is refused on the page. Needs the Debian chromium and the team's data folder; skipped with the reason otherwise."""
+tiny checkpoint, the label NIfTI is downloaded and checked against the input grid; a failed run clears that result
+and shows why; an empty file and a text file named .nii.gz are refused on the page. Needs the Debian chromium and
+the team's data folder; skipped with the reason otherwise."""
 
 from __future__ import annotations
 
@@ -115,6 +116,21 @@ def test_upload_segment_download_and_refusal_in_chromium(tmp_path: Path) -> None
             assert target.read_bytes() == (session_dir / "out" / f"{CASE}_seg.nii.gz").read_bytes()
             page.wait_for_timeout(500)  # let the slice images finish loading for the picture
             page.screenshot(path=str(tmp_path / "app.png"))
+
+            # A failed run (T1ce set to 'ignore': the model needs it) removes the previous result and its
+            # downloads, and the reason is on screen, not folded away in the status box.
+            page.get_by_label(f"Sequence of {CASE}_t1ce.nii.gz").click()
+            page.get_by_role("option", name="ignore (not used)").click()
+            page.get_by_role("button", name="Segment").click()
+            reason = page.get_by_test_id("stAlertContentError").filter(has_text="Segmentation failed")
+            sync_api.expect(reason).to_contain_text("missing modality ['t1ce']")
+            sync_api.expect(reason).to_be_visible()
+            sync_api.expect(page.get_by_test_id("stTable")).to_have_count(0)
+            sync_api.expect(page.get_by_role("button", name="Label map (NIfTI, input grid)")).to_have_count(0)
+            page.screenshot(path=str(tmp_path / "failed.png"))
+
+            scans.set_input_files([{"name": "empty_t1.nii.gz", "mimeType": "application/gzip", "buffer": b""}])
+            page.get_by_text("empty_t1.nii.gz: the file is empty (0 bytes)").wait_for()
 
             scans.set_input_files([{"name": "notes_t2.nii.gz", "mimeType": "application/gzip",
                                     "buffer": b"these are my notes, not a scan\n"}])

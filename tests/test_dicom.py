@@ -20,13 +20,13 @@ from nibabel.eulerangles import euler2mat
 
 from neuromap.cli import main
 from neuromap.errors import NeuroMapError
-from neuromap.io import discover_cases, load_case
-from neuromap.io.dicom import Series, dicom_cases, read_series, scan_dicom
+from neuromap.io import DICOM, discover_cases, load_case
+from neuromap.io.dicom import Series, read_series, scan_dicom
 from neuromap.io.dicom_export import PROTOCOL, Study, write_series, write_study
 from neuromap.io.dicom_map import classify
 from neuromap.io.dicom_seg import read_dicom_seg, write_dicom_seg
 from neuromap.labels import to_internal
-from neuromap.segmentation import segment
+from neuromap.segmenter import segment
 
 CASE = BRATS / "Brats18_2013_2_1"
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -119,7 +119,7 @@ def test_series_found_in_any_order_with_exact_geometry(study, sources):
 @needs_real_data
 def test_study_loads_as_the_nifti_case(study, nifti_case):
     (case,) = discover_cases(study)
-    assert case.layout == "dicom" and case.case_id == "Patient01" and case.modalities == list(MODALITIES)
+    assert case.naming == "dicom" and case.case_id == "Patient01" and case.modalities == list(MODALITIES)
     volume, reference = load_case(case), load_case(discover_cases(nifti_case)[0])
     assert np.array_equal(volume.image, reference.image)
     np.testing.assert_allclose(volume.affine, reference.affine, atol=1e-3)
@@ -160,8 +160,8 @@ def test_geometry_round_trip_variants(tmp_path, variant):
 
 @needs_real_data
 def test_mapping_report_and_overrides(study):
-    (case,) = dicom_cases(study)
-    choice = case.extra["dicom"]
+    (case,) = DICOM.cases(study)
+    choice = case.study
     assert {m: s.description for m, s in choice.used.items()} == {m: PROTOCOL[m]["description"] for m in MODALITIES}
     assert "contrast agent tag" in choice.why["t1ce"]
     report = choice.report()
@@ -169,12 +169,12 @@ def test_mapping_report_and_overrides(study):
     assert "localizer" in report["series_ignored"][0]["reason"]
     t2, flair = choice.used["t2"], choice.used["flair"]
     # Swap T2 and FLAIR: by exact description (any case and spacing) and by SeriesInstanceUID.
-    (swapped,) = dicom_cases(study, {"flair": "ax  t2 fse", "t2": flair.uid})
-    assert swapped.extra["dicom"].used["flair"].uid == t2.uid and swapped.extra["dicom"].used["t2"].uid == flair.uid
-    (by_number,) = dicom_cases(study, {"t1ce": str(choice.used["t1"].number)})
-    assert by_number.extra["dicom"].used["t1ce"].uid == choice.used["t1"].uid
+    (swapped,) = DICOM.cases(study, {"flair": "ax  t2 fse", "t2": flair.uid})
+    assert swapped.study.used["flair"].uid == t2.uid and swapped.study.used["t2"].uid == flair.uid
+    (by_number,) = DICOM.cases(study, {"t1ce": str(choice.used["t1"].number)})
+    assert by_number.study.used["t1ce"].uid == choice.used["t1"].uid
     with pytest.raises(NeuroMapError, match=r"--map t1ce=NOPE matches no series(.|\n)*AX T1 POST GAD"):
-        dicom_cases(study, {"t1ce": "NOPE"})
+        DICOM.cases(study, {"t1ce": "NOPE"})
 
 
 @needs_real_data
@@ -185,21 +185,21 @@ def test_ambiguous_and_incomplete_mappings_list_the_series(tmp_path):
     write_series(small["t1ce"], root / "extra", study, series_number=9, description="AX T1 POST GAD 3D",
                  protocol="t1_mprage_post")
     with pytest.raises(NeuroMapError) as error:
-        dicom_cases(root)
+        DICOM.cases(root)
     message = str(error.value)
     assert "ambiguous" in message and "--map" in message and "64x64x6" in message
     for description in ("AX T1 POST GAD", "AX T1 POST GAD 3D", "T2 FLAIR AX", "3-PLANE LOC"):
         assert f"'{description}'" in message
     uids = {s.description: s.uid for s in scan_dicom(root)[0]}
     assert uids["AX T1 POST GAD 3D"] in message
-    (case,) = dicom_cases(root, {"t1ce": "9"})
-    assert case.extra["dicom"].used["t1ce"].uid == uids["AX T1 POST GAD 3D"]
+    (case,) = DICOM.cases(root, {"t1ce": "9"})
+    assert case.study.used["t1ce"].uid == uids["AX T1 POST GAD 3D"]
     assert main(["validate", str(root), "--map", "t1ce=9"]) == 0
 
     partial = tmp_path / "no_flair"
     write_study({m: small[m] for m in ("t1", "t1ce", "t2")}, partial)
     with pytest.raises(NeuroMapError, match=r"no series recognised as flair(.|\n)*AX T2 FSE(.|\n)*Fix: name them"):
-        dicom_cases(partial)
+        DICOM.cases(partial)
 
 
 @needs_real_data
@@ -245,15 +245,15 @@ def test_segment_dicom_study_matches_nifti_and_writes_dicom_seg(study, nifti_cas
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == used["t1ce"]["uid"]
     codes = [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in ds.SegmentSequence]
     assert codes == [("NCR/NET", "6574001"), ("ED", "79654002"), ("ET", "C113842")]
-    (case,) = dicom_cases(study)
-    reference = case.extra["dicom"].used["t1ce"]
+    (case,) = DICOM.cases(study)
+    reference = case.study.used["t1ce"]
     assert np.array_equal(read_dicom_seg(out / "Patient01_seg.dcm", reference), to_internal(got, "brats"))
 
 
 @needs_real_data
 def test_dicom_seg_round_trip_with_empty_segments(study, sources, tmp_path):
-    (case,) = dicom_cases(study)
-    reference = case.extra["dicom"].used["flair"]
+    (case,) = DICOM.cases(study)
+    reference = case.study.used["flair"]
     truth = to_internal(np.asarray(sources["seg"].dataobj), "brats")
     for name, labels in {"no_et": np.where(truth == 3, 0, truth), "empty": np.zeros_like(truth)}.items():
         write_dicom_seg(labels, reference, tmp_path / f"{name}.dcm", "NeuroMap test", series_number=50)
@@ -263,8 +263,8 @@ def test_dicom_seg_round_trip_with_empty_segments(study, sources, tmp_path):
 
 @needs_real_data
 def test_api_series_map_and_dicom_seg_only_for_dicom(study, nifti_case, tiny_checkpoint, tmp_path):
-    t1 = dicom_cases(study)[0].extra["dicom"].used["t1"]
-    (result,) = segment(study, tmp_path / "api", model=tiny_checkpoint, series_map={"t1": t1.uid})
+    t1 = DICOM.cases(study)[0].study.used["t1"]
+    (result,) = segment(study, tmp_path / "api", model=tiny_checkpoint, mapping={"t1": t1.uid})
     assert result.report["dicom"]["series_used"]["t1"]["why"] == f"--map t1={t1.uid}"
     assert not (tmp_path / "api" / "Patient01_seg.dcm").exists()
     with pytest.raises(NeuroMapError, match="--dicom-seg needs a DICOM input"):
@@ -279,8 +279,8 @@ def test_several_studies_are_several_cases_and_seg_objects_are_skipped(tmp_path)
     t1 = sorted(scan_dicom(tmp_path / "export" / "P1")[0], key=lambda s: s.number)[1]  # [0] is the localizer
     write_dicom_seg(np.zeros(t1.shape, np.uint8), t1, tmp_path / "export" / "P1" / "old_seg.dcm", "x", 60)
     cases = discover_cases(tmp_path / "export")
-    assert [(c.case_id, c.layout, c.modalities) for c in cases] == [("P1", "dicom", list(MODALITIES)),
+    assert [(c.case_id, c.naming, c.modalities) for c in cases] == [("P1", "dicom", list(MODALITIES)),
                                                                      ("P2", "dicom", list(MODALITIES))]
-    assert any("old_seg.dcm" in note for note in cases[0].extra["dicom"].report()["skipped_files"])
+    assert any("old_seg.dcm" in note for note in cases[0].study.report()["skipped_files"])
     with pytest.raises(NeuroMapError, match="holds 2 studies"):
-        dicom_cases(tmp_path / "export", {"t1": "2"})
+        DICOM.cases(tmp_path / "export", {"t1": "2"})

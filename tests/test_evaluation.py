@@ -16,7 +16,9 @@ import pytest
 from conftest import BRATS, needs_real_data
 
 from neuromap.errors import NeuroMapError
-from neuromap.evaluation import case_id_of, evaluate, format_table, prediction_files
+from neuromap.evaluation import evaluate, prediction_files
+from neuromap.evaluation_tables import format_table
+from neuromap.io.nifti import case_id_of
 
 REAL_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_AQQ_1"]
 SHAPE = (16, 16, 12)
@@ -229,3 +231,17 @@ def test_real_ground_truth_shifted_two_voxels(tmp_path):
             assert float(row["hd95"]) == pytest.approx(2.0)
             assert float(row["dice"]) == pytest.approx(expected_wt_dice[row["case_id"]])
             assert 0.8 < float(row["dice"]) < 0.95  # a 2 mm slip of a several-cm tumour
+
+
+def test_ground_truth_case_folders_holding_only_label_maps(tmp_path):
+    """Defect 1: labels kept apart from the images, one case folder each, as the prediction side accepts."""
+    for case in ("a", "b"):
+        write(tmp_path / "gt" / case / f"{case}_seg.nii.gz", tumour())
+        write(tmp_path / "pred" / f"{case}_seg.nii.gz", tumour(offset=1 if case == "b" else 0))
+    summary = evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", hd95=False)
+    assert summary["cases"] == ["a", "b"]
+    dice = {row["case_id"]: float(row["dice"]) for row in rows_of(tmp_path / "out") if row["structure"] == "WT"}
+    assert dice["a"] == 1.0 and 0.8 < dice["b"] < 1.0
+    write(tmp_path / "gt" / "a" / "a_pred.nii.gz", tumour())
+    with pytest.raises(NeuroMapError, match="several label maps.*keep one"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out2")

@@ -10,7 +10,7 @@ import pytest
 from conftest import BRATS, UNLABELLED, needs_real_data, real_cases
 
 from neuromap.errors import NeuroMapError
-from neuromap.io import case_from_mapping, discover_cases, load_case, read_mapping_file, validate_case
+from neuromap.io import cases_from_inputs, discover_cases, load_case, read_mapping_file, validate_case
 from neuromap.synthetic import synthetic_arrays, write_synthetic_case
 
 
@@ -20,7 +20,7 @@ from neuromap.synthetic import synthetic_arrays, write_synthetic_case
 def test_discovers_each_naming(tmp_path, layout, expected_layout):
     folder = write_synthetic_case(tmp_path / "case", case_id="P1", shape=(24, 24, 16), layout=layout)
     (case,) = discover_cases(folder)
-    assert case.layout == expected_layout
+    assert case.naming == expected_layout
     assert case.modalities == ["t1", "t1ce", "t2", "flair"]
     volume = load_case(case)
     assert volume.image.shape == (4, 24, 24, 16)
@@ -33,7 +33,7 @@ def test_brats_toolkit_naming(tmp_path):
     for mod, data in images.items():
         nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"pat7_{names[mod]}.nii.gz"))
     (case,) = discover_cases(tmp_path)
-    assert case.layout == "brats-toolkit" and case.case_id == "pat7"
+    assert case.naming == "brats-toolkit" and case.case_id == "pat7"
     assert set(case.modalities) == {"t1", "t1ce", "t2", "flair"}
 
 
@@ -56,7 +56,7 @@ def test_msd_task01_4d_layout(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     (case,) = discover_cases(tmp_path)
     volume = load_case(case)
-    assert case.layout == "msd"
+    assert case.naming == "msd"
     assert np.array_equal(volume.image[volume.modalities.index("t1ce")], images["t1ce"])
     assert np.array_equal(volume.seg, labels)
 
@@ -69,8 +69,8 @@ def test_user_mapping_yaml(tmp_path):
         (folder / f"{mod}.nii.gz").rename(target)
         renamed[mod] = target.name
     (folder / "map.yaml").write_text("\n".join(f"{k}: {v}" for k, v in renamed.items()))
-    case = case_from_mapping(read_mapping_file(folder / "map.yaml"))
-    assert load_case(case).image.shape == (4, 16, 16, 8)
+    with cases_from_inputs(None, read_mapping_file(folder / "map.yaml")) as (case,):
+        assert load_case(case).image.shape == (4, 16, 16, 8)
 
 
 def _write(path: Path, data: np.ndarray, affine=None) -> None:

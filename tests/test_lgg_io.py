@@ -14,8 +14,7 @@ import pytest
 import tifffile
 
 from neuromap.errors import NeuroMapError
-from neuromap.io import discover_cases, load_case, validate_case
-from neuromap.io.lgg import lgg_case, load_lgg, write_lgg_masks
+from neuromap.io import LGG, discover_cases, load_case, validate_case
 
 ROWS, COLS, N = 6, 5, 12
 PREFIX = "TCGA_XX_0001_20000101"
@@ -44,10 +43,9 @@ def test_slices_stack_in_numeric_order_with_rows_as_x(tmp_path: Path, compressio
     folder, images, masks = make_patient(tmp_path, compression)
     with tifffile.TiffFile(folder / f"{PREFIX}_10.tif") as tif:  # the file really has the intended compression
         assert (tif.pages[0].compression == 1) == (compression is None)
-    case = lgg_case(folder)
-    assert (case.case_id, case.layout, case.label_convention) == (PREFIX, "lgg", "binary")
-    assert [n for n, _, _ in case.extra["slices"]] == list(range(1, N + 1))
-    assert case.extra["spacing_known"] is False
+    case = LGG.case_from_folder(folder)
+    assert (case.case_id, case.layout, case.label_convention) == (PREFIX, LGG, "binary")
+    assert [n for n, _, _ in case.slices] == list(range(1, N + 1))
     assert {m: r.channel for m, r in case.images.items()} == {"t1": 0, "t1ce": 2, "flair": 1}
 
     volume = load_case(case)
@@ -58,10 +56,11 @@ def test_slices_stack_in_numeric_order_with_rows_as_x(tmp_path: Path, compressio
         np.testing.assert_array_equal(volume.seg[:, :, z], masks[n] // 255)
     assert volume.seg.dtype == np.uint8
     assert volume.reference.shape == (ROWS, COLS, N) and volume.spacing == (1.0, 1.0, 1.0)
+    assert volume.spacing_known is False
     np.testing.assert_array_equal(volume.affine, np.eye(4))
-    assert case.extra["flair_copies"] == []
+    assert volume.warnings == ["pixel spacing unknown: volumes in voxels"]  # no channel copies FLAIR
 
-    flair_t1 = load_lgg(case, ["flair", "t1"], with_seg=False)
+    flair_t1 = LGG.load(case, ["flair", "t1"], with_seg=False)
     assert flair_t1.seg is None
     np.testing.assert_array_equal(flair_t1.image[:, :, :, 0], images[1][:, :, [1, 0]].transpose(2, 0, 1))
 
@@ -73,9 +72,11 @@ def test_missing_sequence_replaced_by_flair_is_flagged(tmp_path: Path) -> None:
         image = tifffile.imread(path)
         image[:, :, 2] = image[:, :, 1]
         tifffile.imwrite(path, image, photometric="rgb")
-    case = lgg_case(folder)
+    case = LGG.case_from_folder(folder)
     validate_case(case)
-    assert case.extra["flair_copies"] == ["t1ce"]
+    warnings = load_case(case, ["t1", "flair"]).warnings
+    assert "the t1ce channel(s) are copies of FLAIR (sequence missing in the dataset); the model does not use them" \
+        in warnings
 
 
 def test_orphans_and_naming_problems_are_all_named(tmp_path: Path) -> None:
@@ -86,7 +87,7 @@ def test_orphans_and_naming_problems_are_all_named(tmp_path: Path) -> None:
     (folder / f"{PREFIX}_7_mask.tif").unlink()  # gap
     (folder / "screenshot.tif").write_bytes(b"x")
     (folder / f"._{PREFIX}_1.tif").write_bytes(b"macOS resource fork")  # hidden: ignored
-    case = lgg_case(folder)  # discovery itself does not fail: other patients stay usable
+    case = LGG.case_from_folder(folder)  # discovery itself does not fail: other patients stay usable
     with pytest.raises(NeuroMapError) as err:
         load_case(case)
     message = str(err.value)
@@ -97,7 +98,7 @@ def test_orphans_and_naming_problems_are_all_named(tmp_path: Path) -> None:
     (folder / "screenshot.tif").unlink()
     (folder / f"{PREFIX}_12_mask.tif").unlink()
     (folder / f"{PREFIX}_7.tif").write_bytes((folder / f"{PREFIX}_6.tif").read_bytes())
-    case = lgg_case(folder)
+    case = LGG.case_from_folder(folder)
     with pytest.raises(NeuroMapError, match=f"{PREFIX}_5.tif"):
         load_case(case)
     assert load_case(case, with_seg=False).image.shape == (3, ROWS, COLS, 11)  # inference needs no masks
@@ -106,14 +107,14 @@ def test_orphans_and_naming_problems_are_all_named(tmp_path: Path) -> None:
 def test_mask_values_must_be_binary(tmp_path: Path) -> None:
     folder, _, masks = make_patient(tmp_path, numbers=range(1, 4))
     tifffile.imwrite(folder / f"{PREFIX}_2_mask.tif", masks[2] // 255)  # 0/1 masks are unambiguous
-    volume = load_case(lgg_case(folder))
+    volume = load_case(LGG.case_from_folder(folder))
     np.testing.assert_array_equal(volume.seg[:, :, 1], masks[2] // 255)
 
     grey = masks[3].copy()
     grey[0, 0] = 128  # e.g. a resized or JPEG-compressed mask
     tifffile.imwrite(folder / f"{PREFIX}_3_mask.tif", grey)
     with pytest.raises(NeuroMapError, match=f"{PREFIX}_3_mask.tif: mask values \\[0, 128, 255\\]"):
-        load_case(lgg_case(folder))
+        load_case(LGG.case_from_folder(folder))
 
 
 def test_corrupt_and_malformed_files_are_reported_together(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_corrupt_and_malformed_files_are_reported_together(tmp_path: Path) -> No
     tifffile.imwrite(folder / f"{PREFIX}_3.tif", np.zeros((ROWS, COLS), np.uint8))  # grey, not 3 channels
     tifffile.imwrite(folder / f"{PREFIX}_4_mask.tif", np.zeros((ROWS + 1, COLS), np.uint8))
     with pytest.raises(NeuroMapError) as err:
-        validate_case(lgg_case(folder))
+        validate_case(LGG.case_from_folder(folder))
     message = str(err.value)
     assert f"{PREFIX}_2.tif: cannot be read as TIFF" in message
     assert f"{PREFIX}_3.tif: shape (6, 5) uint8" in message
@@ -132,10 +133,10 @@ def test_corrupt_and_malformed_files_are_reported_together(tmp_path: Path) -> No
 
 def test_predicted_masks_round_trip_and_refuse_overwrite(tmp_path: Path) -> None:
     folder, _, masks = make_patient(tmp_path)
-    case = lgg_case(folder)
+    case = LGG.case_from_folder(folder)
     volume = load_case(case)
     out = tmp_path / "pred"
-    written = write_lgg_masks(volume.seg, case, out)
+    written = LGG.write_masks(volume.seg, case, out)
     assert [p.name for p in written] == [f"{PREFIX}_{n}_pred_mask.tif" for n in range(1, N + 1)]
     for n, path in zip(range(1, N + 1), written, strict=True):
         back = tifffile.imread(path)
@@ -145,16 +146,16 @@ def test_predicted_masks_round_trip_and_refuse_overwrite(tmp_path: Path) -> None
 
     before = written[0].stat().st_mtime_ns
     with pytest.raises(NeuroMapError, match="already exist.*--overwrite"):
-        write_lgg_masks(np.zeros_like(volume.seg), case, out)
+        LGG.write_masks(np.zeros_like(volume.seg), case, out)
     assert written[0].stat().st_mtime_ns == before
-    write_lgg_masks(np.zeros_like(volume.seg), case, out, overwrite=True)
+    LGG.write_masks(np.zeros_like(volume.seg), case, out, overwrite=True)
     assert not tifffile.imread(written[0]).any()
 
     with pytest.raises(NeuroMapError, match="input folder"):
-        write_lgg_masks(volume.seg, case, folder / "." / "")
+        LGG.write_masks(volume.seg, case, folder / "." / "")
     assert not list(folder.glob("*_pred_mask.tif"))
     with pytest.raises(ValueError, match="does not match"):
-        write_lgg_masks(volume.seg[:, :, :-1], case, tmp_path / "short")
+        LGG.write_masks(volume.seg[:, :, :-1], case, tmp_path / "short")
 
 
 def test_discovery_skips_top_level_csv_and_readme(tmp_path: Path) -> None:
@@ -166,7 +167,7 @@ def test_discovery_skips_top_level_csv_and_readme(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("Patient,death01\nTCGA_XX_0001,0\n")
     (tmp_path / "README.md").write_text("# LGG Segmentation Dataset\n")
     cases = discover_cases(tmp_path)
-    assert [(c.case_id, c.layout, c.seg is not None) for c in cases] == [
+    assert [(c.case_id, c.layout.name, c.seg is not None) for c in cases] == [
         (PREFIX, "lgg", True), (other.name, "lgg", False),
     ]
 
@@ -176,26 +177,27 @@ def test_discovery_skips_top_level_csv_and_readme(tmp_path: Path) -> None:
 def test_real_patients_load(tmp_path: Path) -> None:
     start = time.perf_counter()
     cases = discover_cases(REAL)
-    assert len(cases) == 14 and all(c.layout == "lgg" for c in cases)
+    patients = [p for p in REAL.iterdir() if p.is_dir()]  # the shared folder has grown (14, now 20 patients)
+    assert len(cases) == len(patients) >= 14 and all(c.layout is LGG for c in cases)
     total = 0
     for case in cases:
-        numbers = [n for n, _, _ in case.extra["slices"]]
+        numbers = [n for n, _, _ in case.slices]
         assert numbers == list(range(1, len(numbers) + 1))
         volume = load_case(case)
         assert volume.image.shape == (3, 256, 256, len(numbers))
         assert volume.seg.shape == (256, 256, len(numbers)) and set(np.unique(volume.seg)) <= {0, 1}
         assert volume.seg.any() and volume.image.max() > 0
         total += len(numbers)
-    assert total == 436
+    assert total == sum(1 for p in patients for f in p.glob("*.tif") if not f.stem.endswith("_mask"))
     assert time.perf_counter() - start < 30
 
     # The original download stores the same slices uncompressed: re-save one patient that way, same volume.
     case = cases[0]
     copy = tmp_path / case.case_id
     copy.mkdir()
-    for _, image, mask in case.extra["slices"]:
+    for _, image, mask in case.slices:
         for path in (image, mask):
             tifffile.imwrite(copy / path.name, tifffile.imread(path), compression=None)
-    original, uncompressed = load_case(case), load_case(lgg_case(copy))
+    original, uncompressed = load_case(case), load_case(LGG.case_from_folder(copy))
     np.testing.assert_array_equal(original.image, uncompressed.image)
     np.testing.assert_array_equal(original.seg, uncompressed.seg)

@@ -27,15 +27,19 @@ from neuromap.checkpoint import ModelSpec, load_model, save_checkpoint
 from neuromap.cli import main
 from neuromap.config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, load_yaml
 from neuromap.errors import NeuroMapError
-from neuromap.evaluation import evaluate, format_table
-from neuromap.inference import postprocess, predict_probs, probs_to_labels
+from neuromap.evaluation import evaluate
+from neuromap.evaluation_tables import format_table
+from neuromap.inference import predict_probs
+from neuromap.io import LGG as SLICE_LAYOUT
 from neuromap.io import atomic_path, discover_cases, load_case
-from neuromap.io.lgg import lgg_case, write_lgg_masks
 from neuromap.metrics import binary_case_metrics
+from neuromap.postprocess import postprocess
 from neuromap.preprocess import foreground_mask, prepare
-from neuromap.segmentation import resolve_model_paths, segment
+from neuromap.segmenter import segment
+from neuromap.tasks import task_of
 from neuromap.training.data import prepare_case
 from neuromap.training.loop import validate
+from neuromap.zoo import resolve_model_paths
 
 ROWS, COLS, N = 40, 36, 11  # non-square, and slice numbers past 9 so a lexicographic order would show
 LESION = range(3, 7)  # slice indices (0-based) with abnormality
@@ -93,7 +97,7 @@ def read_csv(path: Path) -> list[dict]:
 def predictions_from(truths: dict[str, np.ndarray], gt_root: Path, out: Path) -> Path:
     """A prediction folder as `neuromap segment` lays it out, holding the given masks."""
     for case_id, labels in truths.items():
-        write_lgg_masks(labels, lgg_case(gt_root / case_id), out / case_id)
+        SLICE_LAYOUT.write_masks(labels, SLICE_LAYOUT.case_from_folder(gt_root / case_id), out / case_id)
     return out
 
 
@@ -102,7 +106,7 @@ def predictions_from(truths: dict[str, np.ndarray], gt_root: Path, out: Path) ->
 
 def test_otsu_foreground_excludes_the_noisy_background_and_maps_back_exactly(tmp_path):
     folder, truth = make_patient(tmp_path, "TCGA_AA_0001_20000101")
-    volume = load_case(lgg_case(folder))
+    volume = load_case(SLICE_LAYOUT.case_from_folder(folder))
     assert np.any(volume.image != 0, axis=0).all()  # "nonzero" would keep the whole field of view
     mask = foreground_mask(volume.image, "otsu")
     r, c = np.mgrid[:ROWS, :COLS]
@@ -127,7 +131,7 @@ def test_real_otsu_mask_keeps_every_abnormal_voxel():
     cfg = load_yaml(Path(__file__).parents[1] / "configs" / "lgg_unet2d.yaml", TrainConfig).preprocess
     assert cfg.foreground == "otsu"
     for case_id in REAL_IDS:
-        volume = load_case(lgg_case(LGG / case_id), cfg.modalities)
+        volume = load_case(SLICE_LAYOUT.case_from_folder(LGG / case_id), cfg.modalities)
         mask = foreground_mask(volume.image, cfg.foreground)
         assert not (volume.seg.astype(bool) & ~mask).any()
         assert mask.mean() < 0.6 < np.any(volume.image != 0, axis=0).mean()  # the head, not the field of view
@@ -204,7 +208,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, patients, binary_checkpoin
             if len(calls) == 3:
                 raise OSError("disk full")
 
-        monkeypatch.setattr("neuromap.io.lgg.tifffile.imwrite", broken_imwrite)
+        monkeypatch.setattr("neuromap.io.lgg_files.tifffile.imwrite", broken_imwrite)
     else:
         staging = atomic_path
 
@@ -215,7 +219,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, patients, binary_checkpoin
                     raise OSError("disk full")
                 yield tmp
 
-        monkeypatch.setattr("neuromap.segmentation.atomic_path", broken_report)
+        monkeypatch.setattr("neuromap.segmenter.atomic_path", broken_report)
     with pytest.raises(OSError, match="disk full"):
         segment(root / "TCGA_AA_0001_20000101", tmp_path / "out", model=binary_checkpoint)
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
@@ -235,10 +239,10 @@ def test_outputs_never_go_into_a_patient_folder(patients, binary_checkpoint):
 def test_slice_folders_default_to_the_shipped_binary_model(tmp_path, monkeypatch, patients):
     weights = tmp_path / "weights"
     weights.mkdir()
-    monkeypatch.setattr("neuromap.segmentation.WEIGHTS_DIR", weights)
+    monkeypatch.setattr("neuromap.zoo.WEIGHTS_DIR", weights)
     brats = {"brats_flair": {"file": "b.pt", "modalities": ["flair"], "task": "brats"}}
     (weights / "models.json").write_text(json.dumps(brats))
-    with pytest.raises(NeuroMapError, match="no binary .* model is shipped.*--model"):
+    with pytest.raises(NeuroMapError, match="no model for the 'binary' task is shipped.*--model"):
         segment(patients[0])
     index = {**brats, "lgg": {"file": "lgg.pt", "modalities": ["t1", "flair", "t1ce"], "task": "binary"}}
     (weights / "models.json").write_text(json.dumps(index))
@@ -251,12 +255,12 @@ def test_slice_folders_default_to_the_shipped_binary_model(tmp_path, monkeypatch
 @needs_lgg
 def test_real_patient_segments_in_its_own_layout(tmp_path, binary_checkpoint):
     (result,) = segment(LGG / REAL_IDS[0], tmp_path, model=binary_checkpoint)
-    case = lgg_case(LGG / REAL_IDS[0])
-    for _, image, _ in case.extra["slices"]:
+    case = SLICE_LAYOUT.case_from_folder(LGG / REAL_IDS[0])
+    for _, image, _ in case.slices:
         mask = tifffile.imread(tmp_path / REAL_IDS[0] / f"{image.stem}_pred_mask.tif")
         assert mask.shape == tifffile.imread(image).shape[:2] and mask.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
-    assert result.report["slices"]["count"] == len(case.extra["slices"])
+    assert result.report["slices"]["count"] == len(case.slices)
     assert result.files["overlay.png"].stat().st_size > 10_000
 
 
@@ -352,7 +356,7 @@ def test_real_ground_truth_against_itself_and_eroded(tmp_path):
     truths, eroded = {}, {}
     for case_id in REAL_IDS:
         (gt_root / case_id).symlink_to(LGG / case_id, target_is_directory=True)  # nothing copied
-        truths[case_id] = load_case(lgg_case(LGG / case_id), ["flair"]).seg
+        truths[case_id] = load_case(SLICE_LAYOUT.case_from_folder(LGG / case_id), ["flair"]).seg
         eroded[case_id] = ndimage.binary_erosion(truths[case_id], structure=np.ones((3, 3, 1)))
     same = evaluate(predictions_from(truths, gt_root, tmp_path / "same"), gt_root, tmp_path / "out1", task="binary")
     for table in (same["structures"], same["per_slice"]["all_slices"], same["per_slice"]["slices_with_ground_truth"]):
@@ -392,7 +396,7 @@ def test_train_on_slice_folders_logs_the_abnormality_dice(tmp_path):
     (val_id,) = json.loads((tmp_path / "run" / "split.json").read_text())["val"]
     cfg = TrainConfig.model_validate(config)
     val_case = prepare_case(next(c for c in discover_cases(tmp_path / "data") if c.case_id == val_id), cfg)
-    labels = probs_to_labels(predict_probs([(model, spec)], val_case.image, InferenceConfig()), spec)
+    labels = task_of(spec).labels(predict_probs([(model, spec)], val_case.image, InferenceConfig()))
     expected = binary_case_metrics(labels, val_case.seg, None, hd95=False)[0]["dice"]
     assert validate(model, spec, [val_case], torch.device("cpu")) == {"WT": expected, "mean": expected}
 

@@ -12,7 +12,7 @@ from conftest import BRATS, UNLABELLED, needs_real_data
 
 from neuromap.cli import main
 from neuromap.errors import NeuroMapError
-from neuromap.segmentation import segment
+from neuromap.segmenter import segment
 from neuromap.synthetic import write_synthetic_case
 
 
@@ -72,7 +72,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, tiny_checkpoint, synthetic
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("neuromap.segmentation.nib.save", broken_save)
+    monkeypatch.setattr("neuromap.io.nifti.nib.save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         segment(synthetic_case, tmp_path / "out", model=tiny_checkpoint)
     assert list((tmp_path / "out").iterdir()) == []
@@ -144,7 +144,7 @@ def test_bad_input_exits_2_with_message(tmp_path, tiny_checkpoint, setup, messag
 
 def test_postprocess_drops_components_relative_to_the_largest():
     from neuromap.config import InferenceConfig
-    from neuromap.inference import postprocess
+    from neuromap.postprocess import postprocess
 
     labels = np.zeros((60, 60, 30), np.uint8)
     labels[5:25, 5:25, 5:25] = 2  # 8000 voxels = 8 mL at 1 mm
@@ -168,3 +168,31 @@ def test_modalities_option_maps_odd_file_names(tmp_path, tiny_checkpoint):
     assert main(["segment", "--modalities", *args, "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
                  "--quiet"]) == 0
     assert (tmp_path / "out" / "series0_seg.nii.gz").is_file()
+
+
+def test_map_paths_are_relative_to_the_case_folder_for_every_command(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Defect 3: `segment CASE --map ...` and `validate CASE --map ...` resolve the mapped files inside CASE by
+    the same rule (one function builds the cases), whatever the working directory."""
+    case = write_synthetic_case(tmp_path / "odd", "odd", shape=(32, 32, 12), layout="plain")
+    for i, mod in enumerate(["t1", "t1c", "t2", "flair"]):
+        (case / f"{mod}.nii.gz").rename(case / f"series{i}.nii.gz")
+    mapping = [f"{m}=series{i}.nii.gz" for i, m in enumerate(["t1", "t1ce", "t2", "flair"])]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["validate", str(case), "--map", *mapping, "--model", str(tiny_checkpoint)]) == 0
+    assert main(["segment", str(case), "--map", *mapping, "-o", str(tmp_path / "out"), "--model",
+                 str(tiny_checkpoint), "--quiet"]) == 0
+    assert (tmp_path / "out" / "series0_seg.nii.gz").is_file()
+    assert main(["segment", "--map", *mapping, "-o", str(tmp_path / "out2"), "--model", str(tiny_checkpoint)]) == 2
+    assert "series0.nii.gz: file given for 't1' does not exist" in capsys.readouterr().err  # no folder: cwd
+
+
+def test_segment_takes_options_once(tiny_checkpoint, synthetic_case):
+    """Options reach the Segmenter one way: an InferenceConfig, or its fields as keywords; not both."""
+    from neuromap.config import InferenceConfig
+
+    with pytest.raises(NeuroMapError, match="both cfg and the options"):
+        segment(synthetic_case, model=tiny_checkpoint, cfg=InferenceConfig(), tta=True)
+    with pytest.raises(NeuroMapError, match="segment\\(\\) options: invalid configuration: ttta"):
+        segment(synthetic_case, model=tiny_checkpoint, ttta=True)

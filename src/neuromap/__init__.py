@@ -1,7 +1,7 @@
 """NeuroMap: brain tumour segmentation in multimodal MRI. Research use only.
 
 The Python API mirrors the command line: ``segment``, ``train``, ``evaluate``, plus ``validate_case`` and
-``discover_cases`` for checking inputs.
+``discover_cases`` for checking inputs. Many cases with one model: ``neuromap.segmenter.Segmenter``.
 """
 
 from neuromap.errors import NeuroMapError
@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 
 def segment(*args, **kwargs):
-    """See `neuromap.segmentation.segment` (imported lazily: torch/MONAI load only when needed)."""
-    from neuromap.segmentation import segment as _segment
+    """See `neuromap.segmenter.segment` (imported lazily: torch/MONAI load only when needed)."""
+    from neuromap.segmenter import segment as _segment
 
     return _segment(*args, **kwargs)
 

@@ -1,11 +1,12 @@
 """NeuroMap web app (Streamlit): upload one case, segment it, inspect the result, download the files.
 
-Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then
-`neuromap.segmentation.segment` runs exactly as for ``neuromap segment`` and writes the label NIfTI (input grid and
-affine), report JSON and overlay PNG into the session's private temp folder; the viewer and the downloads read
-those files. Start it with ``neuromap app`` (localhost only); settings come from environment variables that
-command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and ``NEUROMAP_APP_MODEL`` (a checkpoint
-path offered in the model list).
+Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then a
+`neuromap.segmenter.Segmenter` (cached across reruns, so the model is loaded once) segments the case exactly as
+``neuromap segment`` does and writes the label NIfTI (input grid and affine), report JSON and overlay PNG into the
+session's private temp folder; the viewer (`neuromap.app_viewer`) and the downloads read those files, and the
+model's task decides the table, legend and colours. Start it with ``neuromap app`` (localhost only); settings
+come from environment variables that command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and
+``NEUROMAP_APP_MODEL`` (a checkpoint path offered in the model list).
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import streamlit as st
-from PIL import Image
 
-from neuromap.config import MODALITIES
+from neuromap.app_viewer import result_task, viewer
+from neuromap.config import MODALITIES, InferenceConfig
 from neuromap.errors import NeuroMapError
-from neuromap.labels import to_internal
-from neuromap.report import COLOURS, LEGEND, RESEARCH_NOTICE, intensity_window, tumour_centre
-from neuromap.segmentation import segment, shipped_models
+from neuromap.io import cases_from_inputs
+from neuromap.labels import CONVENTIONS
+from neuromap.report import RESEARCH_NOTICE
+from neuromap.segmenter import Segmenter
 from neuromap.webapp_io import (
     DEFAULT_MAX_UPLOAD_MB,
     IGNORE,
@@ -37,16 +37,13 @@ from neuromap.webapp_io import (
     safe_name,
     stage_uploads,
 )
+from neuromap.zoo import shipped_models, validation_text
 
 AUTO, UPLOAD = "auto", "upload"
 SEQUENCE_NAMES = {"t1": "T1", "t1ce": "T1ce (contrast)", "t2": "T2", "flair": "FLAIR", IGNORE: "ignore (not used)"}
-REGION_ROWS = [("NCR", "NCR/NET", "necrotic / non-enhancing tumour core"), ("ED", "ED", "peritumoral edema"),
-               ("ET", "ET", "enhancing tumour"), ("WT", "WT", "whole tumour = NCR/NET + ED + ET"),
-               ("TC", "TC", "tumour core = NCR/NET + ET")]
-VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # name, RAS axis held fixed
-OUTPUT_LABELS = "brats"  # the label NIfTI uses BraTS 1/2/4, as `neuromap segment` does by default
+OUTPUT_LABELS = "brats"  # BraTS models write 1/2/4, as `neuromap segment` does by default
 # Session-state keys that describe the current case; all dropped together when its files are deleted.
-CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "display", "model_sig")
+CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "run_error", "display", "model_sig")
 
 
 @dataclass
@@ -139,7 +136,7 @@ def model_panel(cfg: Settings) -> str | Path | None:
     given = [cfg.model_path] if cfg.model_path and cfg.model_path not in shipped else []
     options = ([AUTO] if shipped else []) + sorted(shipped) + given + [UPLOAD]
     labels = {AUTO: "automatic: best shipped model for the sequences", UPLOAD: "upload a checkpoint (.pt)"}
-    labels.update({n: f"{n} ({', '.join(e['modalities'])})" for n, e in shipped.items()})
+    labels.update({n: f"{n} ({', '.join(m.modalities)})" for n, m in shipped.items()})
     labels.update({path: f"{Path(path).name} (from --model)" for path in given})
     default = options.index(cfg.model_path) if cfg.model_path else 0
     choice = st.selectbox("Model", options, index=default, format_func=labels.get, key="model_choice")
@@ -180,9 +177,20 @@ def sequence_table(staged: list[StagedFile]) -> dict[Path, str]:
     return choices
 
 
+@st.cache_resource(max_entries=4, show_spinner="Loading the model")
+def cached_segmenter(model: str | None, tta: bool) -> Segmenter:
+    """One Segmenter per model choice and TTA setting, shared across reruns and sessions, so a model is loaded
+    once (and again only when its file changes, e.g. a new upload under the same name)."""
+    return Segmenter(model, InferenceConfig(tta=tta), OUTPUT_LABELS)
+
+
 def run_segmentation(choices: dict[Path, str], model: str | Path | None, tta: bool) -> None:
-    """Arrange the chosen files as one case folder and call `segment`; the result replaces the previous one."""
+    """Arrange the chosen files as one case folder and segment it. The previous result goes first: after a
+    failure nothing stale stays on screen (its files are deleted), and the reason stays shown, unfolded."""
     ws = workspace()
+    for key in ("result", "display", "run_error"):
+        st.session_state.pop(key, None)
+    ws.clear("out")
     case_id = case_id_from_names([p.name for p, m in choices.items() if m != IGNORE],
                                  st.session_state.get("case_fallback", "case"))
     with st.status("Segmenting...", expanded=True) as status:
@@ -190,116 +198,51 @@ def run_segmentation(choices: dict[Path, str], model: str | Path | None, tta: bo
             status.write("Checking the sequences and arranging them as one case")
             case_dir = build_case_folder(choices, ws.root / "case" / case_id, case_id)
             status.write("Loading, preprocessing and running the model (CPU: up to a few minutes)")
-            ws.clear("out")
-            (result,) = segment(case_dir, output_dir=ws.sub("out"), model=model, tta=tta, overwrite=True)
+            segmenter = cached_segmenter(None if model is None else str(model), tta)
+            with cases_from_inputs(case_dir) as cases:
+                (result,) = segmenter.segment(cases, ws.sub("out"), overwrite=True)
         except NeuroMapError as exc:
-            status.update(label="Segmentation failed", state="error")
-            st.error(str(exc))
+            status.update(label="Segmentation failed", state="error", expanded=True)
+            st.session_state.run_error = str(exc)
             return
         seconds = result.report["timings_s"]["total_s"]
         status.update(label=f"Done: {result.case_id} in {seconds:.1f} s", state="complete", expanded=False)
-    run = st.session_state.get("result", {}).get("run", 0) + 1
-    st.session_state.result = {"run": run, "case_id": result.case_id, "report": result.report,
-                               "files": dict(result.files), "inputs": dict(result.report["inputs"])}
-    st.session_state.pop("display", None)
+    st.session_state.result = {"run": st.session_state.get("runs", 0) + 1, "case_id": result.case_id,
+                               "report": result.report, "files": dict(result.files),
+                               "labels_output": str(result.labels_output), "inputs": dict(result.report["inputs"])}
+    st.session_state.runs = st.session_state.result["run"]
 
 
-# ---------------------------------------------------------------------------------------------------- viewer
-
-
-def load_display(result: dict, modality: str) -> dict:
-    """Background and labels reoriented to RAS for display (cached per run and modality: one at a time)."""
-    key = (result["run"], modality)
-    cached = st.session_state.get("display")
-    if cached and cached["key"] == key:
-        return cached
-    image = nib.as_closest_canonical(nib.load(result["inputs"][modality]))
-    seg = nib.as_closest_canonical(nib.load(result["files"]["seg.nii.gz"]))
-    background = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])  # (X, Y, Z, 1) too
-    labels = to_internal(np.asanyarray(seg.dataobj), OUTPUT_LABELS)
-    window = intensity_window(background)
-    cached = {"key": key, "background": background, "labels": labels, "window": window,
-              "spacing": tuple(float(z) for z in image.header.get_zooms()[:3])}
-    st.session_state.display = cached
-    return cached
-
-
-def render_slice(background: np.ndarray, labels: np.ndarray, axis: int, index: int, spacing: tuple[float, ...],
-                 window: tuple[float, float], opacity: float, shown: set[int]) -> np.ndarray:
-    """RGB uint8 picture of one RAS slice with coloured labels, in millimetre proportions, the second in-plane
-    axis pointing up (anterior up in axial views, superior up otherwise) as in the report's overlay PNG."""
-    plane = np.take(background, index, axis=axis)
-    lab = np.take(labels, index, axis=axis)
-    lo, hi = window
-    grey = np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    for value in shown:
-        mask = lab == value
-        rgb[mask] = (1 - opacity) * rgb[mask] + opacity * np.asarray(COLOURS[value])
-    rgb = np.flipud(np.transpose(rgb, (1, 0, 2)))
-    in_plane = [s for i, s in enumerate(spacing) if i != axis]
-    height, width = rgb.shape[:2]
-    unit = min(in_plane)
-    size = (max(1, round(width * in_plane[0] / unit)), max(1, round(height * in_plane[1] / unit)))
-    picture = Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
-    return np.asarray(picture)
-
-
-def legend_html(shown: set[int]) -> str:
-    """Colour key with the exact overlay colours (Streamlit's named colours differ); hidden labels greyed."""
-    items = []
-    for value, colour in COLOURS.items():
-        hexcode = "#" + "".join(f"{round(c * 255):02x}" for c in colour)
-        swatch = f"display:inline-block;width:0.9em;height:0.9em;background:{hexcode};margin-right:0.35em"
-        fade = "" if value in shown else "opacity:0.35;"
-        items.append(f'<span style="{fade}margin-right:1.2em;font-size:0.85rem;white-space:nowrap">'
-                     f'<span style="{swatch}"></span>{LEGEND[value]}</span>')
-    return "".join(items)
-
-
-def viewer(result: dict) -> None:
-    """Three orthogonal slices with sliders, overlay opacity, label toggles and the background sequence."""
-    run = result["run"]
-    controls = st.columns([2, 2, 1, 1, 1], vertical_alignment="bottom")
-    modalities = list(result["inputs"])
-    default = modalities.index("flair") if "flair" in modalities else 0
-    modality = controls[0].selectbox("Background sequence", modalities, index=default,
-                                     format_func=SEQUENCE_NAMES.get, key=f"bg_{run}")
-    opacity = controls[1].slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"opacity_{run}")
-    shown = {value for value, column, name in zip(COLOURS, controls[2:], ("NCR/NET", "ED", "ET"), strict=True)
-             if column.checkbox(name, value=True, key=f"show_{value}_{run}")}
-    st.markdown(legend_html(shown), unsafe_allow_html=True)
-    data = load_display(result, modality)
-    centre = tumour_centre(data["labels"])
-    for column, (name, axis) in zip(st.columns(3), VIEWS, strict=True):
-        size = data["labels"].shape[axis]
-        number = column.slider(f"{name.capitalize()} slice (of {size})", 1, size, int(centre[axis]) + 1,
-                               key=f"{name}_{run}")
-        column.image(render_slice(data["background"], data["labels"], axis, number - 1, data["spacing"],
-                                  data["window"], opacity, shown), width="stretch")
+# ---------------------------------------------------------------------------------------------------- results
 
 
 def results_panel(result: dict) -> None:
-    """Volumes, warnings, model facts and the three downloads (the files `segment` wrote, byte for byte)."""
-    report = result["report"]
+    """Volumes of the model's task, warnings, model facts and the three downloads (the files the segmenter
+    wrote, byte for byte)."""
+    report, task = result["report"], result_task(result)
     volumes = report["volumes_ml"]
     st.subheader("Volumes")
-    st.table({"Region": [r[1] for r in REGION_ROWS], "Volume (mL)": [f"{volumes[r[0]]:.2f}" for r in REGION_ROWS],
-              "Meaning": [r[2] for r in REGION_ROWS]}, hide_index=True)
+    st.table({"Region": [s.name for s in task.structures],
+              "Volume (mL)": [f"{volumes[s.key]:.2f}" for s in task.structures],
+              "Meaning": [s.meaning for s in task.structures]}, hide_index=True)
     for warning in report["warnings"]:
         st.warning(warning)
     model = report["model"]
-    dice = f"; validation Dice {model['validation']}" if model.get("validation") else ""
-    st.caption(f"Model: {model['architecture']} on {', '.join(model['modalities'])}{dice}. "
+    st.caption(f"Model: {model['architecture']} on {', '.join(model['modalities'])}; "
+               f"{validation_text(model['files'], model.get('validation'))}. "
                f"Time {report['timings_s']['total_s']:.1f} s on {report['device']}.")
     st.subheader("Downloads")
-    kinds = [("seg.nii.gz", "Label map (NIfTI, input grid)", "application/gzip"),
-             ("report.json", "Report (JSON)", "application/json"), ("overlay.png", "Overlay (PNG)", "image/png")]
-    for kind, label, mime in kinds:
-        path = Path(result["files"][kind])
-        st.download_button(label, path.read_bytes(), file_name=path.name, mime=mime, key=f"dl_{kind}",
+    kinds = [(result["labels_output"], "Label map (NIfTI, input grid)", "application/gzip"),
+             (result["files"]["report.json"], "Report (JSON)", "application/json"),
+             (result["files"]["overlay.png"], "Overlay (PNG)", "image/png")]
+    for file, label, mime in kinds:
+        path = Path(file)
+        st.download_button(label, path.read_bytes(), file_name=path.name, mime=mime, key=f"dl_{label}",
                            on_click="ignore", icon=":material/download:", width="stretch")
-    st.caption("Labels in the NIfTI: 1 NCR/NET, 2 ED, 4 ET (BraTS convention).")
+    convention = report["label_convention"]
+    values = ", ".join(f"{value} {task.short_names[internal]}"
+                       for value, internal in CONVENTIONS[convention].items() if internal)
+    st.caption(f"Labels in the NIfTI: {values} ({convention} convention).")
 
 
 # ---------------------------------------------------------------------------------------------------- page
@@ -347,6 +290,8 @@ def main() -> None:
             st.info(model_problem)
         if st.button("Segment", type="primary", disabled=bool(model_problem), icon=":material/play_arrow:"):
             run_segmentation(choices, model, tta)
+        if st.session_state.get("run_error"):
+            st.error(f"Segmentation failed: {st.session_state.run_error}", icon=":material/error:")
 
     result = st.session_state.get("result")
     if result:
@@ -354,7 +299,7 @@ def main() -> None:
         st.subheader(f"Result: {result['case_id']}")
         left, right = st.columns([3, 1.5], gap="large")
         with left:
-            viewer(result)
+            viewer(result, SEQUENCE_NAMES)
         with right:
             results_panel(result)
 

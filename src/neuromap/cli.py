@@ -31,49 +31,60 @@ def _parse_map(items: list[str] | None) -> dict[str, str] | None:
     return mapping
 
 
-def _dicom_series_map(paths: list[str], mapping: dict[str, str] | None) -> dict[str, str] | None:
-    """``--map`` given with a DICOM study names series (UID, number or description), not files."""
-    from neuromap.io.dicom import is_dicom_tree
-
-    return mapping if mapping and len(paths) == 1 and is_dicom_tree(paths[0]) else None
+def _model_arg(models: list[str] | None) -> str | list[str] | None:
+    """``--model`` values as `Segmenter` takes them: one name or path, a list (an ensemble), or None (automatic)."""
+    return models if models and len(models) > 1 else (models[0] if models else None)
 
 
-def _cases(paths: list[str], mapping: dict[str, str] | None):
-    from neuromap.io import case_from_mapping, discover_cases
-    from neuromap.io.dicom import dicom_cases
+def _runnable_models(case, models: list[str] | None) -> str:
+    """Which models can segment ``case`` (for `validate`); a NeuroMapError naming the missing sequences when
+    none can. Named models must each find their sequences; otherwise the shipped models of the case's task."""
+    from neuromap.zoo import default_model, shipped_models, usable_models
 
-    if _dicom_series_map(paths, mapping):
-        return dicom_cases(paths[0], mapping)
-    if mapping:
-        if len(paths) > 1:
-            raise NeuroMapError("--map describes one case; give at most one case folder with it.")
-        return [case_from_mapping(mapping, base=Path(paths[0]) if paths else None)]
-    cases = []
-    for path in paths:
-        cases.extend(discover_cases(path))
-    return cases
+    if not models:
+        usable = usable_models(case.modalities, case.layout.task)
+        if not usable:
+            default_model(case.modalities, case.layout.task)  # raises the message `segment` would give
+        return "shipped models that can segment it: " + ", ".join(m.name for m in usable)
+    shipped = shipped_models()
+    for name in models:
+        if name in shipped:
+            needs = list(shipped[name].modalities)
+        else:
+            from neuromap.checkpoint import ModelSpec, read_checkpoint
+
+            needs = ModelSpec.from_dict(read_checkpoint(name)["spec"]).modalities
+        missing = [m for m in needs if m not in case.modalities]
+        if missing:
+            raise NeuroMapError(
+                f"model {name} needs {', '.join(needs)}; the case lacks {', '.join(missing)}. "
+                "Fix: add the missing sequence files, or choose a model that needs only the sequences present."
+            )
+    return f"model{'s' if len(models) > 1 else ''} {', '.join(models)} can segment it"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from neuromap.config import canonical_modality
-    from neuromap.io import validate_case
+    from neuromap.io import cases_from_inputs, validate_case
 
     modalities = [canonical_modality(m) for m in args.modalities.split(",")] if args.modalities else None
     failures = 0
-    for case in _cases(args.paths, _parse_map(args.map)):
-        try:
-            validate_case(case, modalities)
-            seg = f", segmentation {case.seg.path.name}" if case.seg else ""
-            print(f"OK   {case.case_id} [{case.layout}] {', '.join(case.modalities)}{seg}")
-        except NeuroMapError as exc:
-            failures += 1
-            print(f"FAIL {case.case_id}:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
+    with cases_from_inputs(args.paths, _parse_map(args.map)) as cases:
+        for case in cases:
+            try:
+                validate_case(case, modalities)
+                models = _runnable_models(case, args.model)
+                seg = f", segmentation {case.seg.path.name}" if case.seg else ""
+                print(f"OK   {case.case_id} [{case.naming}] {', '.join(case.modalities)}{seg}\n     {models}")
+            except NeuroMapError as exc:
+                failures += 1
+                print(f"FAIL {case.case_id}:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
     return EXIT_USER_ERROR if failures else 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from neuromap.config import PreprocessConfig
-    from neuromap.io import load_case
+    from neuromap.io import cases_from_inputs, load_case
     from neuromap.preprocess import prepare
 
     cfg = PreprocessConfig(
@@ -81,16 +92,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         n4=args.n4, spacing=tuple(args.spacing) if args.spacing else None, mode=args.mode,
         slice_range=tuple(args.slice_range) if args.slice_range else None, normalize=not args.no_zscore,
     )
-    for case in _cases(args.paths, _parse_map(args.map)):
-        volume = load_case(case, cfg.modalities)
-        prepared = prepare(volume, cfg)
-        inv = prepared.inverse
-        print(json.dumps({
-            "case": case.case_id, "layout": case.layout, "input_shape": list(inv.original_shape),
-            "input_spacing_mm": list(volume.spacing), "orientation": "reoriented to RAS",
-            "crop_bbox_ras": [list(b) for b in inv.bbox], "prepared_shape": list(prepared.image.shape),
-            "prepared_spacing_mm": [round(s, 3) for s in prepared.spacing], "z_score": cfg.normalize, "n4": cfg.n4,
-        }))
+    with cases_from_inputs(args.paths, _parse_map(args.map)) as cases:
+        for case in cases:
+            volume = load_case(case, cfg.modalities)
+            prepared = prepare(volume, cfg)
+            inv = prepared.inverse
+            print(json.dumps({
+                "case": case.case_id, "layout": case.naming, "input_shape": list(inv.original_shape),
+                "input_spacing_mm": list(volume.spacing), "orientation": "reoriented to RAS",
+                "crop_bbox_ras": [list(b) for b in inv.bbox], "prepared_shape": list(prepared.image.shape),
+                "prepared_spacing_mm": [round(s, 3) for s in prepared.spacing], "z_score": cfg.normalize,
+                "n4": cfg.n4,
+            }))
     return 0
 
 
@@ -114,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from neuromap.config import TrainConfig, load_yaml
-    from neuromap.evaluation import format_table
+    from neuromap.evaluation_tables import format_table
     from neuromap.training.crossval import out_of_fold, run_root, train_folds
 
     cfg = load_yaml(args.config, TrainConfig)
@@ -133,27 +146,25 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _volumes_text(report: dict) -> str:
-    """'WT 12.3 mL, TC ...' for BraTS models, 'abnormality ...' for binary ones; voxels where spacing is unknown."""
+    """The task's headline volumes ('WT 12.3 mL, TC ...', or 'abnormality ...'); voxels where spacing is unknown."""
+    from neuromap.tasks import get_task
+
     volumes, voxels = report["volumes_ml"], report["volume_voxels"]
     return ", ".join(
         f"{k} {volumes[k]:.1f} mL" if volumes[k] is not None else f"{k} {voxels[k]} voxels"
-        for k in ("WT", "TC", "ET", "abnormality") if k in volumes
+        for k in get_task(report["model"]["task"]).headline
     )
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.config import InferenceConfig
-    from neuromap.segmentation import segment
+    from neuromap.io import cases_from_inputs
+    from neuromap.segmenter import Segmenter
 
-    mapping = _parse_map(args.map)
     cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
-    series_map = _dicom_series_map(args.inputs, mapping)
-    inputs = args.inputs if series_map else ({**mapping} if mapping else None) or args.inputs
-    if not inputs:
-        raise NeuroMapError("give a case folder, a folder of cases, or --map MODALITY=FILE ...")
-    models = args.model if args.model and len(args.model) > 1 else (args.model[0] if args.model else None)
-    results = segment(inputs, args.output_dir, model=models, labels=args.labels, overwrite=args.overwrite,
-                      progress=not args.quiet, cfg=cfg, series_map=series_map, dicom_seg=args.dicom_seg)
+    with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
+        segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
+        results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
     for r in results:
         print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
               f"-> {r.labels_output}")
@@ -164,7 +175,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from neuromap.evaluation import evaluate, format_table
+    from neuromap.evaluation import evaluate
+    from neuromap.evaluation_tables import format_table
 
     summary = evaluate(args.pred_dir, args.gt_dir, args.output_dir, pred_labels=args.pred_labels,
                        gt_labels=args.gt_labels, hd95=not args.no_hd95, overwrite=args.overwrite,
@@ -179,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Segment a generated case (always possible) and, when the team's data folder is there, a real one."""
     from neuromap.io import discover_cases
     from neuromap.labels import region_masks
-    from neuromap.segmentation import segment
+    from neuromap.segmenter import segment
     from neuromap.synthetic import synthetic_arrays, write_synthetic_case
 
     out = Path(args.output_dir)
@@ -217,7 +229,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from neuromap.segmentation import shipped_models
+    from neuromap.zoo import is_model, shipped_models
 
     if importlib.util.find_spec("streamlit") is None:
         raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
@@ -225,7 +237,7 @@ def cmd_app(args: argparse.Namespace) -> int:
         raise NeuroMapError(f"--max-upload-mb must be positive, got {args.max_upload_mb}.")
     env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb)}
     if args.model:
-        if args.model not in shipped_models() and not Path(args.model).is_file():
+        if not is_model(args.model):
             raise NeuroMapError(f"--model {args.model}: not a shipped model name nor a checkpoint file.")
         env["NEUROMAP_APP_MODEL"] = args.model if args.model in shipped_models() else str(Path(args.model).resolve())
     app = Path(__file__).with_name("app.py")
@@ -256,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check case folders (files, shapes, affines, values, labels)")
     p.add_argument("paths", nargs="*", default=["."])
     p.add_argument("--modalities", help="comma list the cases must have, e.g. t1ce,flair")
-    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file; DICOM: MODALITY=SERIES")
+    p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file (relative to the case "
+                   "folder when one is given); DICOM: MODALITY=SERIES")
+    p.add_argument("--model", nargs="+", help="check that these models (shipped names or checkpoints) can run, "
+                   "instead of the shipped ones")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("preprocess", help="run preprocessing and print what it did (no files written)")
@@ -294,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--model", nargs="+", help="shipped model name or checkpoint path; several = ensemble")
     p.add_argument("--map", "--modalities", dest="map", nargs="+",
-                   help="MODALITY=FILE pairs or a YAML mapping file (one case); with a DICOM study "
-                   "MODALITY=SERIES (SeriesInstanceUID, series number or exact description)")
+                   help="MODALITY=FILE pairs or a YAML mapping file (one case; relative to the case folder "
+                   "when one is given); with a DICOM study MODALITY=SERIES (SeriesInstanceUID, series number or "
+                   "exact description)")
     p.add_argument("--dicom-seg", action="store_true", help="DICOM input: also write <case>_seg.dcm (DICOM SEG)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuromap.errors import NeuroMapError
+from neuromap.tasks import get_task
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 # Aliases used by BraTS 2023 (t1n, t1c, t2w, t2f), BraTS-Toolkit (fla) and others.
@@ -213,16 +214,15 @@ class TrainConfig(Strict):
             raise ValueError("preprocess.context_slices is for 2D models only")
         if self.split.mode == "all" and self.select == "best":
             raise ValueError("split.mode 'all' has no validation cases: set select: last")
-        n_out = 2 if self.task == "binary" else (3 if self.model.out == "regions" else 4)
-        if self.class_weights is not None and len(self.class_weights) != n_out:
-            raise ValueError(f"class_weights needs {n_out} numbers (one per output channel)")
-        if self.task == "binary" and self.model.out == "regions":
-            raise ValueError("task 'binary' uses model.out='classes'")
+        if self.model.out not in get_task(self.task).outputs:
+            raise ValueError(f"task '{self.task}' uses model.out in {list(get_task(self.task).outputs)}")
+        if self.class_weights is not None and len(self.class_weights) != self.out_channels:
+            raise ValueError(f"class_weights needs {self.out_channels} numbers (one per output channel)")
         return self
 
     @property
     def out_channels(self) -> int:
-        return 2 if self.task == "binary" else (3 if self.model.out == "regions" else 4)
+        return get_task(self.task, self.model.out).out_channels()
 
 
 class InferenceConfig(Strict):

@@ -64,6 +64,7 @@ from scipy.optimize import linear_sum_assignment
 from neuromap.errors import NeuroMapError
 from neuromap.labels import REGIONS
 from neuromap.metrics import hd95_mm
+from neuromap.tasks import get_task
 
 RULE_SETS = ("brats-eval", "brats2023")
 DEFAULT_RULES = "brats-eval"
@@ -122,7 +123,7 @@ def check_request(lesion_wise: bool, rules: str | None, task: str) -> str | None
     rules = rules or DEFAULT_RULES
     if rules not in RULE_SETS:
         raise NeuroMapError(f"unknown lesion rules '{rules}'. Fix: use one of {', '.join(RULE_SETS)}.")
-    if task != "brats":
+    if not get_task(task).scores_lesions:
         raise NeuroMapError("lesion-wise evaluation scores the BraTS regions WT/TC/ET. Fix: use it with --task brats.")
     return rules
 

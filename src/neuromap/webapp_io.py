@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from neuromap.config import MODALITIES, MODALITY_ALIASES, canonical_modality
 from neuromap.errors import NeuroMapError
-from neuromap.io.cases import SEG_TOKENS, nifti_stem, split_name_token
+from neuromap.io.case import SEG_TOKENS, nifti_stem, split_name_token
 
 DEFAULT_MAX_UPLOAD_MB = 300
 IGNORE = "ignore"  # modality choice for an uploaded file that is not used (e.g. a reference segmentation)
@@ -126,6 +126,8 @@ def check_nifti_header(name: str, head: bytes) -> None:
     lower = name.lower()
     if not lower.endswith((".nii", ".nii.gz")):
         raise NeuroMapError(f"{name}: not a NIfTI file name. Fix: upload .nii or .nii.gz files (or one .zip).")
+    if not head:
+        raise NeuroMapError(f"{name}: the file is empty (0 bytes). Fix: upload the scan again (its copy failed).")
     if lower.endswith(".gz"):
         if not head.startswith(GZIP_MAGIC):
             kind = "text" if _looks_like_text(head) else "not gzip data"
@@ -163,14 +165,20 @@ def _is_nifti_header(head: bytes) -> bool:
 
 def stage_uploads(files: list[tuple[str, bytes]], folder: Path, limit_bytes: int) -> list[StagedFile]:
     """Check uploaded ``(name, content)`` pairs (total size, NIfTI content, distinct names) and write them into
-    ``folder`` under cleaned names; nothing is written unless every file passes."""
+    ``folder`` under cleaned names; nothing is written unless every file passes, and every refused file is named."""
     check_total_size([len(data) for _, data in files], limit_bytes)
     names = [safe_name(name) for name, _ in files]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise NeuroMapError(f"the same file name was uploaded twice: {', '.join(dupes)}. Fix: remove the copy.")
-    for name, data in files:
-        check_nifti_header(name, data[: NIFTI2_HEADER + 4])
+    problems = []
+    for name, data in files:  # every refused file is named at once, not one per attempt
+        try:
+            check_nifti_header(name, data[: NIFTI2_HEADER + 4])
+        except NeuroMapError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise NeuroMapError("\n".join(problems))
     folder.mkdir(parents=True, exist_ok=True)
     staged = []
     for (name, data), clean in zip(files, names, strict=True):

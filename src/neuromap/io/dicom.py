@@ -11,8 +11,8 @@ slope/intercept (applied by GDCM) cannot be truncated; `docs/experiments/dicom_r
 dcm2niix. Geometry comes from the headers: voxel (i, j, k) is column i, row j of the k-th sorted slice, and
 the affine maps it to RAS+ millimetres (nibabel's convention; DICOM's LPS+ x and y change sign).
 
-`dicom_cases` turns each study into a `Case` (layout "dicom") whose images are `SeriesRef`s chosen by
-`neuromap.io.dicom_map`; `load_dicom` produces the same `Volume` a NIfTI case gives.
+`neuromap.io.dicom_layout.DicomLayout` turns each study into a `Case` whose images are `SeriesRef`s chosen by
+`neuromap.io.dicom_map`, and loads it into the same `Volume` a NIfTI case gives.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import nibabel as nib
 import numpy as np
 
 from neuromap.errors import NeuroMapError
-from neuromap.io.cases import Case, ImageRef
-from neuromap.io.nifti import AFFINE_TOLERANCE, Volume
+from neuromap.io.case import ImageRef
+from neuromap.io.nifti_files import AFFINE_TOLERANCE
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Tags that tell the sequence apart (see `neuromap.io.dicom_map`), kept as text in `Series.tags`.
@@ -246,37 +245,7 @@ def is_dicom_tree(root: str | Path, probe: int = 200) -> bool:
     return False
 
 
-def dicom_cases(root: str | Path | list, series_map: dict[str, str] | None = None) -> list[Case]:
-    """One case per study under ``root``; ``series_map`` (modality -> UID, number or description) overrides
-    the automatic choice of series (one study only)."""
-    from neuromap.io.dicom_map import map_study
-
-    if isinstance(root, (list, tuple)):
-        if len(root) != 1:
-            raise NeuroMapError(f"--map names the series of one DICOM study; got {len(root)} inputs. Fix: give one.")
-        root = root[0]
-    root = Path(root)
-    series, notes = scan_dicom(root)
-    if not series:
-        raise NeuroMapError(f"{root}: no DICOM image series found. Fix: point to the folder of a DICOM export.")
-    studies: dict[str, list[Series]] = {}
-    for s in sorted(series, key=lambda s: (s.number if s.number is not None else 1 << 30, s.uid)):
-        studies.setdefault(s.study_uid, []).append(s)
-    if series_map and len(studies) > 1:
-        raise NeuroMapError(f"{root}: holds {len(studies)} studies; --map describes one. Fix: point to one study.")
-    cases = []
-    named = sorted(zip(_study_ids(root, studies), studies.values(), strict=True), key=lambda item: item[0])
-    for case_id, members in named:
-        choice = map_study(members, series_map, where=str(root))
-        choice.skipped = notes
-        images = {m: SeriesRef(Path(os.path.commonpath([p.parent for p in s.files])), series=s)
-                  for m, s in choice.used.items()}
-        cases.append(Case(case_id=case_id, root=root, images=images, layout="dicom",
-                          extra={"dicom": choice, "warnings": choice.warnings}))
-    return cases
-
-
-def _study_ids(root: Path, studies: dict[str, list[Series]]) -> list[str]:
+def study_ids(root: Path, studies: dict[str, list[Series]]) -> list[str]:
     """Case ids: the root folder's name for one study; for several, the top folder holding each study's files
     when those differ (a folder per patient), else the root's name numbered."""
     if len(studies) == 1:
@@ -290,41 +259,3 @@ def _study_ids(root: Path, studies: dict[str, list[Series]]) -> list[str]:
     first_files = [min(p for s in members for p in s.files) for members in studies.values()]
     rank = {path: n for n, path in enumerate(sorted(first_files))}  # numbered in folder order
     return [f"{root.name}_{rank[path] + 1}" for path in first_files]
-
-
-def load_dicom(
-    case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-) -> Volume | None:
-    """Check and read the series of a DICOM case into a `Volume` in the reference series' grid.
-
-    All series must share one grid: segmenting series from different grids needs raw-scan preparation
-    (co-registration), which is a separate step, so it is refused here with that fix in the message."""
-    choice = case.extra["dicom"]
-    modalities = list(modalities or case.modalities)
-    missing = [m for m in modalities if m not in case.images]
-    if missing:
-        raise NeuroMapError(
-            f"DICOM study {case.root}: no series for {missing}.\n{choice.listing()}\n"
-            f"Fix: name them with --map, e.g. --map {missing[0]}=SERIES_UID (or the series number or description)."
-        )
-    if with_seg:
-        raise NeuroMapError(f"DICOM study {case.root}: has no ground-truth segmentation to read.")
-    series = [case.images[m].series for m in modalities]
-    reference = choice.reference(modalities)
-    off_grid = [f"{m}: {s.label()}" for m, s in zip(modalities, series, strict=True) if not same_grid(s, reference)]
-    if off_grid:
-        raise NeuroMapError(
-            f"DICOM study {case.root}: the series are on different voxel grids (reference "
-            f"{reference.label()}; different: {'; '.join(off_grid)}). Segmenting them needs raw-scan preparation "
-            "(co-registration to the reference sequence). Fix: run with --raw, or map series acquired on one grid."
-        )
-    if check_only:
-        return None
-    with ThreadPoolExecutor(max_workers=min(2, len(series))) as pool:
-        channels = list(pool.map(read_series, series))
-    problems = [f"DICOM series {s.label()}: {why}" for s, data in zip(series, channels, strict=True)
-                for why in (["contains NaN or infinite values"] if not np.all(np.isfinite(data)) else
-                            ["is all zero (empty)"] if not data.any() else [])]
-    if problems:
-        raise NeuroMapError("\n".join(problems))
-    return Volume(case=case, image=np.stack(channels), modalities=modalities, reference=reference_image(reference))

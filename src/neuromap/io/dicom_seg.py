@@ -17,20 +17,13 @@ Series and content descriptions say research use only.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from neuromap.errors import NeuroMapError
-from neuromap.io.atomic import atomic_path
-from neuromap.io.cases import Case
 from neuromap.io.dicom import Series
 from neuromap.labels import ED, ET, NCR
-
-if TYPE_CHECKING:  # the output hook receives segmentation's Prediction; importing it here would be circular
-    from neuromap.segmentation import NiftiOutputs, Prediction
 
 SERIES_DESCRIPTION = "NeuroMap tumour seg - RESEARCH USE ONLY"  # DICOM LO: at most 64 characters
 CONTENT_DESCRIPTION = "Research use only; not for diagnosis"
@@ -109,42 +102,3 @@ def read_dicom_seg(path: str | Path, series: Series) -> np.ndarray:
     )
     lookup = np.array([0, *wanted.values()], dtype=np.uint8)
     return lookup[frames].transpose(2, 1, 0)
-
-
-class DicomOutputs:
-    """Outputs of a DICOM case: the NIfTI outputs (``base``), the series used and ignored in the report, and
-    with ``dicom_seg`` also ``<case>_seg.dcm``, staged and renamed with the others."""
-
-    def __init__(self, case: Case, base: NiftiOutputs, dicom_seg: bool) -> None:
-        if dicom_seg and case.layout != "dicom":
-            raise NeuroMapError(
-                f"case '{case.case_id}' ({case.root}): --dicom-seg needs a DICOM input (a DICOM SEG must reference "
-                "the source images). Fix: segment the DICOM study, or leave out --dicom-seg."
-            )
-        self.base, self.dicom_seg = base, dicom_seg
-
-    def files(self, case: Case, out: Path) -> dict[str, Path]:
-        files = self.base.files(case, out)
-        return {**files, "seg.dcm": out / f"{case.case_id}_seg.dcm"} if self.dicom_seg else files
-
-    def written(self, case: Case, out: Path) -> list[Path]:
-        return [*self.base.written(case, out), *([out / f"{case.case_id}_seg.dcm"] if self.dicom_seg else [])]
-
-    def report_extra(self, prediction: Prediction) -> dict:
-        choice = prediction.case.extra["dicom"]
-        reference = choice.reference(prediction.spec.modalities)
-        return {**self.base.report_extra(prediction),
-                "dicom": {"reference_series": reference.uid, **choice.report()}}
-
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        return self.base.picture(prediction, background, title)
-
-    def stage_labels(self, prediction: Prediction, files: dict[str, Path], stack: contextlib.ExitStack,
-                     overwrite: bool) -> None:
-        self.base.stage_labels(prediction, files, stack, overwrite)
-        if self.dicom_seg:
-            choice = prediction.case.extra["dicom"]
-            numbers = [s.number for s in choice.series if s.number is not None]
-            write_dicom_seg(prediction.internal, choice.reference(prediction.spec.modalities),
-                            stack.enter_context(atomic_path(files["seg.dcm"], overwrite)),
-                            f"NeuroMap {prediction.spec.model.name}", max(numbers, default=0) + 1)

@@ -1,201 +1,337 @@
-"""NIfTI reading with validation, and atomic NIfTI writing in the input's exact grid."""
+"""`NiftiLayout`: cases made of NIfTI files, in every naming the package understands.
+
+Namings: BraTS 2018-2021 (``<id>_t1ce.nii.gz``), BraTS 2023+ (``<id>-t1c.nii.gz``), BraTS-Toolkit
+(``<id>_fla.nii.gz``), plain names (``flair.nii.gz``), MSD Task01 (4D image + dataset.json), and an explicit
+mapping (modality -> file). Outputs are ``<case>_seg.nii.gz`` in the input's exact grid (header copied bit for
+bit), the report and a three-view overlay. Label files read back for evaluation are NIfTIs named
+``<case_id>_seg.nii.gz`` (what ``neuromap segment`` writes), ``<case_id>.nii.gz``, or case folders holding one
+label map; the id of a label file is its name without the NIfTI extension and a trailing ``_seg``, ``-seg`` or
+``_pred``, the id of a case folder is the folder name.
+"""
 
 from __future__ import annotations
 
-import zlib
+import contextlib
+import json
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from neuromap.config import MODALITIES, MODALITY_ALIASES, canonical_modality
 from neuromap.errors import NeuroMapError
 from neuromap.io.atomic import atomic_path
-from neuromap.io.cases import Case, ImageRef
+from neuromap.io.case import (
+    MASK_TOKENS,
+    SEG_TOKENS,
+    Case,
+    ImageRef,
+    Volume,
+    nifti_stem,
+    split_name_token,
+    visible_files,
+)
+from neuromap.io.layout import LabelFile, LabelPair, Layout, Prediction
+from neuromap.io.nifti_files import AFFINE_TOLERANCE, open_nifti, read_nifti, spatial_shape
 from neuromap.labels import guess_convention, to_internal
+from neuromap.pictures import overlay_png
 
-AFFINE_TOLERANCE = 1e-3  # mm / direction cosines: tighter than any real co-registration error
-
-
-@dataclass
-class Volume:
-    """A loaded case: image channels in file voxel order plus the grid every output must match."""
-
-    case: Case
-    image: np.ndarray  # (C, X, Y, Z) float32
-    modalities: list[str]
-    reference: nib.Nifti1Image  # the first modality's image (lazy proxy): its header and affine are the output grid
-    seg: np.ndarray | None = None  # internal labels, uint8
-    brain_mask: np.ndarray | None = None
-
-    @property
-    def affine(self) -> np.ndarray:
-        return self.reference.affine
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(z) for z in self.reference.header.get_zooms()[:3])
-
-    @property
-    def voxel_ml(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
-
-    @property
-    def spacing_known(self) -> bool:
-        """False where the files store no voxel size (LGG slices: the grid is 1 x 1 x 1 by convention), so
-        sizes must be given in voxels, not mm or mL."""
-        return bool(self.case.extra.get("spacing_known", True))
+# Tokens that mark the BraTS 2023 naming; used to choose the label convention of a `-seg` file.
+BRATS2023_TOKENS = {"t1n", "t1c", "t2w", "t2f"}
+LABEL_SUFFIXES = ("_seg", "-seg", "_pred")
 
 
-def open_nifti(ref: ImageRef | Path, what: str) -> nib.Nifti1Image:
-    path = ref.path if isinstance(ref, ImageRef) else Path(ref)
-    if not path.is_file():
-        raise NeuroMapError(f"{path}: {what} file does not exist.")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for corrupt or non-NIfTI content
-        raise NeuroMapError(
-            f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc}). Fix: re-export the {what} as .nii/.nii.gz."
-        ) from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise NeuroMapError(f"{path}: is a {type(img).__name__}, not NIfTI. Fix: convert the {what} to NIfTI.")
-    return img
+def nifti_files(folder: Path) -> list[Path]:
+    return [p for p in visible_files(folder) if nifti_stem(p)]
 
 
-def spatial_shape(img: nib.Nifti1Image, ref: ImageRef) -> tuple[int, ...]:
-    shape = img.shape
-    if ref.channel is not None:
-        if len(shape) != 4 or ref.channel >= shape[3]:
-            raise NeuroMapError(f"{ref.path}: expected a 4D image with channel {ref.channel}, got shape {shape}.")
-        return shape[:3]
-    if len(shape) == 4 and shape[3] == 1:
-        return shape[:3]
-    return shape
+def case_id_of(path: Path) -> str:
+    """'Brats18_x_1_seg.nii.gz' -> 'Brats18_x_1': the name without NIfTI extension and label suffix."""
+    stem = nifti_stem(path) or path.name
+    for suffix in LABEL_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
 
 
-def read_nifti(img: nib.Nifti1Image, ref: ImageRef, integral: bool = False) -> np.ndarray:
-    try:
-        # Read through dataobj: get_fdata() would cache a second copy inside the image object.
-        data = np.asanyarray(img.dataobj) if integral else np.asarray(img.dataobj, dtype=np.float32)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise NeuroMapError(f"{ref.path}: file is truncated or corrupt ({exc}). Fix: copy it again.") from None
-    if ref.channel is not None:
-        data = data[..., ref.channel]
-    elif data.ndim == 4:
-        data = data[..., 0]
-    return data
+def is_mri_image(path: Path) -> bool:
+    """True for an MRI sequence file (t1, t1ce, flair, ... in any supported naming), i.e. not a label map."""
+    return split_name_token(nifti_stem(path) or "")[1] in MODALITY_ALIASES
 
 
-def load_case(
-    case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-) -> Volume | None:
-    """Validate and load ``case``: every requested modality present, 3D, same shape and affine, finite, not
-    all zero; segmentation (if any) integral with known labels. All problems are reported together.
-    """
-    if case.layout == "lgg":
-        from neuromap.io.lgg import load_lgg  # imported here: neuromap.io.lgg imports Volume from this module
+class NiftiLayout(Layout):
+    name = "nifti"
+    description = "label NIfTIs"
+    task = "brats"
+    scored_as = ("brats", "binary")
+    label_key = "seg.nii.gz"
 
-        return load_lgg(case, modalities, with_seg=with_seg, check_only=check_only)
-    if case.layout == "dicom":
-        from neuromap.io.dicom import load_dicom  # same reason: neuromap.io.dicom imports Volume from here
+    # ------------------------------------------------------------------------------------- discovery
 
-        return load_dicom(case, modalities, with_seg=with_seg, check_only=check_only)
-    modalities = list(modalities or case.modalities)
-    problems: list[str] = []
-    missing = [m for m in modalities if m not in case.images]
-    if missing:
-        raise NeuroMapError(
-            f"case '{case.case_id}' ({case.root}): missing modality {missing} (found: {case.modalities}). "
-            "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
-        )
-    refs = [case.images[m] for m in modalities]
-    headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
-    first_ref, first = refs[0], headers[0]
-    shape0 = spatial_shape(first, first_ref)
-    for ref, img in zip(refs, headers, strict=True):
-        shape = spatial_shape(img, ref)
-        if len(shape) != 3:
-            problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
-        elif shape != shape0:
-            problems.append(
-                f"{ref}: shape {shape} differs from {first_ref.path.name} {shape0}. Fix: co-register / resample."
+    def claims(self, folder: Path) -> bool:
+        return (folder / "dataset.json").is_file() or any(nifti_stem(p) for p in folder.iterdir())
+
+    def discover(self, folder: Path) -> list[Case]:
+        return self.msd_cases(folder) if (folder / "dataset.json").is_file() else [self.case_from_folder(folder)]
+
+    def case_from_folder(self, folder: Path) -> Case:
+        """A Case from a folder of NIfTI files in any supported naming."""
+        images: dict[str, ImageRef] = {}
+        seg: ImageRef | None = None
+        mask: Path | None = None
+        prefixes: set[str] = set()
+        tokens: set[str] = set()
+        unknown: list[str] = []
+        for path in nifti_files(folder):
+            prefix, token = split_name_token(nifti_stem(path))
+            if token in SEG_TOKENS:
+                seg = ImageRef(path)
+            elif token in MASK_TOKENS:
+                mask = path
+            elif token in MODALITY_ALIASES:
+                modality = canonical_modality(token)
+                if modality in images:
+                    raise NeuroMapError(
+                        f"{folder}: two files map to modality '{modality}': {images[modality].path.name} and "
+                        f"{path.name}. Fix: remove one, or give an explicit mapping (--map t1ce=FILE ...)."
+                    )
+                images[modality] = ImageRef(path)
+                tokens.add(token)
+                prefixes.add(prefix)
+            else:
+                unknown.append(path.name)
+        if not images:
+            hint = f" (unrecognised NIfTI names: {', '.join(unknown[:6])})" if unknown else ""
+            raise NeuroMapError(
+                f"{folder}: no MRI sequence found{hint}. Expected names ending in t1, t1ce/t1c, t2, flair "
+                "(BraTS, BraTS 2023, BraTS-Toolkit or plain naming). Fix: rename the files or pass a mapping "
+                "(--map t1=FILE t1ce=FILE ...)."
             )
-        elif not np.allclose(img.affine, first.affine, atol=AFFINE_TOLERANCE):
-            problems.append(
-                f"{ref}: affine differs from {first_ref.path.name} (voxel grids not aligned). "
-                "Fix: co-register the sequences to one grid."
-            )
-    seg_img = None
-    if case.seg is not None and with_seg is not False:
-        seg_img = open_nifti(case.seg, "segmentation")
-        if spatial_shape(seg_img, case.seg) != shape0:
-            problems.append(f"{case.seg}: segmentation shape {seg_img.shape} differs from the images {shape0}.")
-    elif with_seg:
-        problems.append(f"case '{case.case_id}': no segmentation file (expected a *_seg.nii.gz next to the images).")
-    if problems:
-        raise NeuroMapError("\n".join(problems))
-
-    # gzip decompression releases the GIL, so the sequences are read in parallel threads (~2x on 2 cores).
-    with ThreadPoolExecutor(max_workers=min(4, len(refs))) as pool:
-        channels = list(pool.map(read_nifti, headers, refs))
-    for ref, data, mod in zip(refs, channels, modalities, strict=True):
-        if not np.all(np.isfinite(data)):
-            problems.append(f"{ref}: contains NaN or infinite values. Fix: re-export the {mod} image.")
-        elif not np.any(data):
-            problems.append(f"{ref}: the {mod} image is all zero (empty).")
-    seg = None
-    if seg_img is not None:
-        raw = read_nifti(seg_img, case.seg, integral=True)
-        try:
-            convention = case.label_convention or guess_convention(np.unique(raw))
-            seg = to_internal(raw, convention, source=str(case.seg))
-        except NeuroMapError as exc:
-            problems.append(str(exc))
-    brain_mask = None
-    if case.brain_mask is not None:
-        mask_ref = ImageRef(case.brain_mask)
-        mask_img = open_nifti(mask_ref, "brain mask")
-        if spatial_shape(mask_img, mask_ref) != shape0:
-            problems.append(f"{case.brain_mask}: brain mask shape {mask_img.shape} differs from the images {shape0}.")
+        prefix = prefixes.pop() if len(prefixes) == 1 else ""
+        images = {m: images[m] for m in MODALITIES if m in images}  # canonical channel order
+        if "fla" in tokens:  # BraTS-Toolkit also writes _t1c, so check its _fla first
+            naming, convention = "brats-toolkit", None
+        elif prefix and tokens & BRATS2023_TOKENS:
+            naming, convention = "brats2023", "brats2023"
         else:
-            brain_mask = read_nifti(mask_img, mask_ref, integral=True) > 0
-            if not brain_mask.any():
-                problems.append(f"{case.brain_mask}: brain mask is empty.")
-    if problems:
-        raise NeuroMapError("\n".join(problems))
-    if check_only:
-        return None
-    return Volume(
-        case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
-        reference=first, seg=seg, brain_mask=brain_mask,
-    )
+            naming, convention = ("brats" if prefix else "plain"), None
+        return Case(case_id=prefix or folder.name, root=folder, images=images, layout=self, naming=naming, seg=seg,
+                    label_convention=convention, brain_mask=mask)
 
+    def case_from_mapping(self, mapping: dict[str, Path], case_id: str | None = None) -> Case:
+        """An explicit mapping {modality or 'seg'/'mask': existing file} (see `neuromap.io.inputs`)."""
+        images: dict[str, ImageRef] = {}
+        seg = mask = None
+        for key, path in mapping.items():
+            if not Path(path).is_file():
+                raise NeuroMapError(f"{path}: file given for '{key}' does not exist. Fix: check the mapping.")
+            if key.lower() in SEG_TOKENS:
+                seg = ImageRef(Path(path))
+            elif key.lower() in MASK_TOKENS:
+                mask = Path(path)
+            else:
+                images[canonical_modality(key)] = ImageRef(Path(path))
+        if not images:
+            raise NeuroMapError("the modality mapping names no image (need e.g. t1ce=FILE flair=FILE).")
+        first = next(iter(images.values())).path
+        return Case(case_id=case_id or (nifti_stem(first) or first.stem), root=first.parent, images=images,
+                    layout=self, naming="mapping", seg=seg, brain_mask=mask)
 
-def validate_case(case: Case, modalities: list[str] | None = None) -> None:
-    """Raise NeuroMapError listing every problem with ``case``; return None when it is usable."""
-    load_case(case, modalities, check_only=True)
+    def msd_cases(self, root: Path) -> list[Case]:
+        """Medical Segmentation Decathlon Task01: imagesTr/imagesTs 4D volumes, labelsTr, dataset.json."""
+        meta_path = root / "dataset.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            modality_names = meta["modality"] if "modality" in meta else meta["channel_names"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise NeuroMapError(f"{meta_path}: not a readable MSD dataset.json ({exc}).") from None
+        channels = {canonical_modality(name): int(idx) for idx, name in modality_names.items()}
+        cases = []
+        for sub in ("imagesTr", "imagesTs"):
+            for path in sorted((root / sub).glob("*.nii*")):
+                stem = nifti_stem(path)
+                if stem is None or path.name.startswith("."):
+                    continue
+                label = root / "labelsTr" / path.name
+                cases.append(Case(
+                    case_id=stem, root=root, images={m: ImageRef(path, c) for m, c in channels.items()}, layout=self,
+                    naming="msd", seg=ImageRef(label) if label.is_file() else None, label_convention="msd",
+                ))
+        if not cases:
+            raise NeuroMapError(f"{root}: dataset.json found but no images under imagesTr/ or imagesTs/.")
+        return cases
 
+    # ------------------------------------------------------------------------------------- loading
 
-def label_image(labels: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
-    """A uint8 label image with the reference's header, sform and qform unchanged (bit for bit)."""
-    labels = np.asarray(labels, dtype=np.uint8)
-    if labels.shape != reference.shape[:3]:
-        raise ValueError(f"label shape {labels.shape} does not match the reference grid {reference.shape[:3]}")
-    header = reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_data_shape(labels.shape)  # also turns a 4D (MSD) header into a 3D one
-    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-    header["cal_min"], header["cal_max"] = 0, max(int(labels.max()), 1)
-    # The reference's own affine equals its header's best affine, so nibabel leaves sform/qform untouched.
-    return nib.Nifti1Image(labels, reference.affine, header)
+    def load(
+        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
+    ) -> Volume | None:
+        """Every requested modality present, 3D, same shape and affine, finite, not all zero; segmentation (if
+        any) integral with known labels; brain mask (if any) of the same shape and not empty."""
+        modalities = list(modalities or case.modalities)
+        problems: list[str] = []
+        missing = [m for m in modalities if m not in case.images]
+        if missing:
+            raise NeuroMapError(
+                f"case '{case.case_id}' ({case.root}): missing modality {missing} (found: {case.modalities}). "
+                "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
+            )
+        refs = [case.images[m] for m in modalities]
+        headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
+        first_ref, first = refs[0], headers[0]
+        shape0 = spatial_shape(first, first_ref)
+        for ref, img in zip(refs, headers, strict=True):
+            shape = spatial_shape(img, ref)
+            if len(shape) != 3:
+                problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
+            elif shape != shape0:
+                problems.append(
+                    f"{ref}: shape {shape} differs from {first_ref.path.name} {shape0}. Fix: co-register / resample."
+                )
+            elif not np.allclose(img.affine, first.affine, atol=AFFINE_TOLERANCE):
+                problems.append(
+                    f"{ref}: affine differs from {first_ref.path.name} (voxel grids not aligned). "
+                    "Fix: co-register the sequences to one grid."
+                )
+        seg_img = None
+        if case.seg is not None and with_seg is not False:
+            seg_img = open_nifti(case.seg, "segmentation")
+            if spatial_shape(seg_img, case.seg) != shape0:
+                problems.append(f"{case.seg}: segmentation shape {seg_img.shape} differs from the images {shape0}.")
+        elif with_seg:
+            problems.append(
+                f"case '{case.case_id}': no segmentation file (expected a *_seg.nii.gz next to the images)."
+            )
+        if problems:
+            raise NeuroMapError("\n".join(problems))
 
+        # gzip decompression releases the GIL, so the sequences are read in parallel threads (~2x on 2 cores).
+        with ThreadPoolExecutor(max_workers=min(4, len(refs))) as pool:
+            channels = list(pool.map(read_nifti, headers, refs))
+        for ref, data, mod in zip(refs, channels, modalities, strict=True):
+            if not np.all(np.isfinite(data)):
+                problems.append(f"{ref}: contains NaN or infinite values. Fix: re-export the {mod} image.")
+            elif not np.any(data):
+                problems.append(f"{ref}: the {mod} image is all zero (empty).")
+        seg = None
+        if seg_img is not None:
+            raw = read_nifti(seg_img, case.seg, integral=True)
+            try:
+                convention = case.label_convention or guess_convention(np.unique(raw))
+                seg = to_internal(raw, convention, source=str(case.seg))
+            except NeuroMapError as exc:
+                problems.append(str(exc))
+        brain_mask = None
+        if case.brain_mask is not None:
+            mask_ref = ImageRef(case.brain_mask)
+            mask_img = open_nifti(mask_ref, "brain mask")
+            if spatial_shape(mask_img, mask_ref) != shape0:
+                problems.append(
+                    f"{case.brain_mask}: brain mask shape {mask_img.shape} differs from the images {shape0}."
+                )
+            else:
+                brain_mask = read_nifti(mask_img, mask_ref, integral=True) > 0
+                if not brain_mask.any():
+                    problems.append(f"{case.brain_mask}: brain mask is empty.")
+        if problems:
+            raise NeuroMapError("\n".join(problems))
+        if check_only:
+            return None
+        return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
+                      reference=first, seg=seg, brain_mask=brain_mask)
 
-def write_labels(
-    labels: np.ndarray, reference: nib.Nifti1Image, target: str | Path, overwrite: bool = False
-) -> Path:
-    """Write the label map in the reference grid atomically (temp file, fsync, rename)."""
-    img = label_image(labels, reference)
-    with atomic_path(target, overwrite) as tmp:
-        nib.save(img, str(tmp))
-    return Path(target)
+    # ------------------------------------------------------------------------------------- outputs
+
+    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
+        return {k: out / f"{case.case_id}_{k}" for k in (self.label_key, "report.json", "overlay.png")}
+
+    def planned_writes(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> list[Path]:
+        return list(self.output_files(case, out, optional).values())
+
+    def stage_labels(self, prediction: Prediction, files: dict[str, Path], stack: contextlib.ExitStack,
+                     overwrite: bool) -> None:
+        nib.save(prediction.labels, str(stack.enter_context(atomic_path(files[self.label_key], overwrite))))
+
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution."""
+        task = prediction.task
+        return overlay_png(prediction.ras(background), prediction.ras(prediction.internal), prediction.ras_spacing,
+                           title, task.legend, task.colours), []
+
+    # ------------------------------------------------------------------------------------- labels back
+
+    def label_files(self, root: Path, predicted: bool) -> list[LabelFile]:
+        """Predictions: NIfTIs directly in ``root`` and one label map per case folder. Ground truth: the same,
+        except that a folder with MRI images is a case (its segmentation file counts, with the label
+        convention its naming fixes) and an MSD task gives its labelsTr."""
+        if not predicted and self._has_images(root):
+            return self._truth_of(root)
+        found = [LabelFile(case_id_of(p), p, self) for p in nifti_files(root)]
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not predicted and self._has_images(sub):
+                found += self._truth_of(sub)
+                continue
+            labels = [p for p in nifti_files(sub) if case_id_of(p) != nifti_stem(p)]
+            if len(labels) > 1:
+                raise NeuroMapError(
+                    f"{sub}: several label maps ({', '.join(p.name for p in labels)}). "
+                    "Fix: keep one *_seg.nii.gz per case folder."
+                )
+            found += [LabelFile(sub.name, p, self) for p in labels]
+        return found
+
+    def _has_images(self, folder: Path) -> bool:
+        return (folder / "dataset.json").is_file() or any(is_mri_image(p) for p in nifti_files(folder))
+
+    def _truth_of(self, folder: Path) -> list[LabelFile]:
+        cases = [c for c in self.discover(folder) if c.seg is not None]
+        for case in cases:
+            if case.seg.channel is not None:
+                raise NeuroMapError(
+                    f"{case.seg}: a 4D label file is not supported. Fix: give one 3D label map per case."
+                )
+        return [LabelFile(c.case_id, c.seg.path, self, c.label_convention) for c in cases]
+
+    def check_pair(self, pred: LabelFile, truth: LabelFile) -> None:
+        self._grid(pred, truth)
+
+    def _grid(self, pred: LabelFile, truth: LabelFile) -> tuple[float, ...]:
+        """Check from the headers that the prediction lies on the ground truth's voxel grid; the voxel size in mm.
+
+        Shape and voxel size must match (within AFFINE_TOLERANCE). A different affine with the same shape and
+        voxel size (e.g. another origin or axis flip) is only warned about: metrics compare the arrays voxel by
+        voxel."""
+        pred_img, gt_img = open_nifti(pred.path, "prediction"), open_nifti(truth.path, "ground truth")
+        pred_shape, gt_shape = spatial_shape(pred_img, ImageRef(pred.path)), spatial_shape(gt_img, ImageRef(truth.path))
+        if pred_shape != gt_shape:
+            raise NeuroMapError(
+                f"shape mismatch for case '{truth.case_id}': prediction {pred.path} is {pred_shape}, ground truth "
+                f"{truth.path} is {gt_shape}. Fix: write predictions in the ground truth's voxel grid."
+            )
+        ndim = len(gt_shape)
+        zooms_gt = tuple(float(z) for z in gt_img.header.get_zooms()[:ndim])
+        zooms_pred = tuple(float(z) for z in pred_img.header.get_zooms()[:ndim])
+        if not np.allclose(zooms_pred, zooms_gt, atol=AFFINE_TOLERANCE, rtol=0):
+            raise NeuroMapError(
+                f"voxel size mismatch for case '{truth.case_id}': prediction {pred.path} has {zooms_pred} mm, "
+                f"ground truth {truth.path} has {zooms_gt} mm. Fix: resample the prediction to the ground-truth grid."
+            )
+        if not np.allclose(pred_img.affine, gt_img.affine, atol=AFFINE_TOLERANCE):
+            warnings.warn(
+                f"case '{truth.case_id}': the affine of {pred.path} differs from {truth.path} (origin or orientation); "
+                "voxels are compared as stored.", stacklevel=3,
+            )
+        return zooms_gt
+
+    def read_pair(self, pred: LabelFile, truth: LabelFile, pred_labels: str, gt_labels: str, task) -> LabelPair:
+        spacing = self._grid(pred, truth)
+        arrays, conventions = [], {}
+        for side, item, requested in (("prediction", pred, pred_labels), ("ground_truth", truth, gt_labels)):
+            raw = read_nifti(open_nifti(item.path, "label map"), ImageRef(item.path), integral=True)
+            labels, conventions[side] = task.read_labels(
+                raw, item.convention if requested == "auto" else requested, str(item.path)
+            )
+            arrays.append(labels)
+        return LabelPair(arrays[0], arrays[1], spacing, conventions)

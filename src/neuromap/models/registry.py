@@ -132,5 +132,6 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.
 
 
 def required_divisor(cfg: ModelConfig) -> int:
-    """Factor every spatial input size must be divisible by (inference pads up to a multiple of it)."""
+    """Factor every spatial input size must be divisible by (2D inference pads each slice up to a multiple of it;
+    see `neuromap.models`)."""
     return _architecture(cfg).divisor(resolve_options(cfg))

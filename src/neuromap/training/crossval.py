@@ -19,8 +19,7 @@ import numpy as np
 
 from neuromap.config import TrainConfig
 from neuromap.errors import NeuroMapError
-
-REGIONS = ("WT", "TC", "ET")
+from neuromap.tasks import get_task
 
 
 def run_root(cfg: TrainConfig) -> Path:
@@ -51,7 +50,7 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
     reports, overlays), ``<run>/oof_eval/`` (metrics.csv, summary.json, boxplot.png) and ``<run>/oof_table.md``."""
     from neuromap.config import InferenceConfig
     from neuromap.evaluation import evaluate
-    from neuromap.segmentation import segment_case
+    from neuromap.segmenter import Segmenter
     from neuromap.training.data import find_training_cases
 
     root = run_root(cfg)
@@ -64,10 +63,9 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
     fold_of: dict[str, int] = {}
     for fold in folds:
         held_out = json.loads((root / f"fold_{fold}" / "split.json").read_text())["val"]
-        for case_id in held_out:
-            fold_of[case_id] = fold
-            segment_case(cases[case_id], pred_dir, str(root / f"fold_{fold}" / "best.pt"), InferenceConfig(),
-                         overwrite=True)
+        fold_of.update({case_id: fold for case_id in held_out})
+        segmenter = Segmenter(str(root / f"fold_{fold}" / "best.pt"), InferenceConfig())
+        segmenter.segment([cases[case_id] for case_id in held_out], pred_dir, overwrite=True)
     with tempfile.TemporaryDirectory(prefix="neuromap-cv-") as tmp:
         # Ground truth: links to the held-out case folders, so cases from several data roots form one folder.
         for case_id in fold_of:
@@ -82,14 +80,14 @@ def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
     """Markdown: one row per case (fold, Dice and HD95 per region), then mean, median, min and n per column."""
     with open(metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    structures = REGIONS if task == "brats" else ("abnormality",)
+    structures = get_task(task).headline  # WT, TC, ET for BraTS; abnormality for binary: all regions
     per_case: dict[str, dict[str, float]] = {}
     for row in rows:
-        if row["structure"] in structures and (task != "brats" or row["kind"] == "region"):
+        if row["structure"] in structures and row["kind"] == "region":
             per_case.setdefault(row["case_id"], {})[f"dice_{row['structure']}"] = float(row["dice"])
             per_case[row["case_id"]][f"hd95_{row['structure']}"] = float(row["hd95"]) if row.get("hd95") else np.nan
     columns = [f"dice_{s}" for s in structures] + [f"hd95_{s}" for s in structures]
-    if task == "brats":
+    if len(structures) > 1:
         for values in per_case.values():
             values["dice_mean"] = float(np.mean([values[f"dice_{s}"] for s in structures]))
         columns.insert(len(structures), "dice_mean")

@@ -20,6 +20,7 @@ from neuromap.config import AugmentConfig, SplitConfig, TrainConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io import Case, discover_cases, duplicate_ids, load_case
 from neuromap.preprocess import prepare
+from neuromap.tasks import get_task
 
 
 def site_of(case_id: str) -> str:
@@ -92,9 +93,7 @@ def find_training_cases(roots: list[str]) -> list[Case]:
 def prepare_case(case: Case, cfg: TrainConfig) -> PreparedCase:
     volume = load_case(case, cfg.preprocess.modalities, with_seg=True)
     prepared = prepare(volume, cfg.preprocess)
-    seg = prepared.seg.astype(np.uint8)
-    if cfg.task == "binary":
-        seg = (seg > 0).astype(np.uint8)
+    seg = get_task(cfg.task).training_target(prepared.seg.astype(np.uint8))
     fg, bg = map_binary_to_indices(seg[None] > 0, prepared.image, image_threshold=0.0)
     return PreparedCase(case.case_id, prepared.image, seg, prepared.spacing, np.asarray(fg), np.asarray(bg))
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from neuromap.config import InferenceConfig, TrainConfig
 from neuromap.errors import NeuroMapError
-from neuromap.inference import predict_probs, probs_to_labels
-from neuromap.metrics import dice_per_region
+from neuromap.inference import predict_probs
+from neuromap.tasks import task_of
 from neuromap.training.data import (
     PatchDataset,
     find_training_cases,
@@ -79,9 +79,7 @@ def validate(model: torch.nn.Module, spec: ModelSpec, cases: list, device: torch
     scores: dict[str, list[float]] = {}
     for case in cases:
         probs = predict_probs([(model, spec)], case.image, InferenceConfig(), device=device)
-        dice = dice_per_region(probs_to_labels(probs, spec), case.seg)
-        if spec.task == "binary":
-            dice = {"WT": dice["WT"]}
+        dice = task_of(spec).validation_dice(task_of(spec).labels(probs), case.seg)
         for key, value in dice.items():
             scores.setdefault(key, []).append(value)
     mean = {k: float(np.mean(v)) for k, v in scores.items()}

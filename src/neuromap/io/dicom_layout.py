@@ -1,0 +1,142 @@
+"""`DicomLayout`: DICOM studies as cases. A study is found anywhere in a folder tree (`neuromap.io.dicom`), its
+series are mapped to sequences (`neuromap.io.dicom_map`), and it is loaded into the same `Volume` a NIfTI case
+gives, in the reference series' grid. Outputs are those of a NIfTI case (the label NIfTI in that grid, report,
+overlay), plus the series used and ignored in the report and, on request, ``<case>_seg.dcm``: a DICOM SEG on the
+reference series (`neuromap.io.dicom_seg`). Studies hold no ground truth, so evaluation finds no labels here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from neuromap.errors import NeuroMapError
+from neuromap.io.atomic import atomic_path
+from neuromap.io.case import Case, Volume
+from neuromap.io.dicom import (
+    Series,
+    SeriesRef,
+    is_dicom_tree,
+    read_series,
+    reference_image,
+    same_grid,
+    scan_dicom,
+    study_ids,
+)
+from neuromap.io.dicom_map import map_study
+from neuromap.io.dicom_seg import write_dicom_seg
+from neuromap.io.layout import LabelFile, Prediction
+from neuromap.io.nifti import NiftiLayout
+
+DICOM_SEG = "seg.dcm"
+
+
+class DicomLayout(NiftiLayout):
+    name = "dicom"
+    description = "DICOM studies"
+    scored_as = ()
+    optional_outputs = (DICOM_SEG,)
+
+    # ------------------------------------------------------------------------------------- discovery
+
+    def claims(self, folder: Path) -> bool:
+        """A folder tree with DICOM files; asked only after the folder-per-case layouts found nothing."""
+        return is_dicom_tree(folder)
+
+    def discover(self, folder: Path) -> list[Case]:
+        return self.cases(folder)
+
+    def cases(self, root: str | Path, series_map: Mapping[str, str] | None = None) -> list[Case]:
+        """One case per study under ``root``; ``series_map`` (modality -> UID, number or description) overrides
+        the automatic choice of series (one study only)."""
+        root = Path(root)
+        series, notes = scan_dicom(root)
+        if not series:
+            raise NeuroMapError(f"{root}: no DICOM image series found. Fix: point to the folder of a DICOM export.")
+        studies: dict[str, list[Series]] = {}
+        for s in sorted(series, key=lambda s: (s.number if s.number is not None else 1 << 30, s.uid)):
+            studies.setdefault(s.study_uid, []).append(s)
+        if series_map and len(studies) > 1:
+            raise NeuroMapError(f"{root}: holds {len(studies)} studies; --map describes one. Fix: point to one study.")
+        cases = []
+        named = sorted(zip(study_ids(root, studies), studies.values(), strict=True), key=lambda item: item[0])
+        for case_id, members in named:
+            choice = map_study(members, dict(series_map or {}), where=str(root))
+            choice.skipped = notes
+            images = {m: SeriesRef(Path(os.path.commonpath([p.parent for p in s.files])), series=s)
+                      for m, s in choice.used.items()}
+            cases.append(Case(case_id=case_id, root=root, images=images, layout=self, naming="dicom", study=choice))
+        return cases
+
+    # ------------------------------------------------------------------------------------- loading
+
+    def load(
+        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
+    ) -> Volume | None:
+        """Check and read the series into a `Volume` in the reference series' grid; the study's mapping
+        warnings (sequences not found) come with it.
+
+        All series must share one grid: segmenting series from different grids needs raw-scan preparation
+        (co-registration), which is a separate step, so it is refused here with that fix in the message."""
+        choice = case.study
+        modalities = list(modalities or case.modalities)
+        missing = [m for m in modalities if m not in case.images]
+        if missing:
+            raise NeuroMapError(
+                f"DICOM study {case.root}: no series for {missing}.\n{choice.listing()}\n"
+                f"Fix: name them with --map, e.g. --map {missing[0]}=SERIES_UID (or the series number or description)."
+            )
+        if with_seg:
+            raise NeuroMapError(f"DICOM study {case.root}: has no ground-truth segmentation to read.")
+        series = [case.images[m].series for m in modalities]
+        reference = choice.reference(modalities)
+        off_grid = [f"{m}: {s.label()}" for m, s in zip(modalities, series, strict=True)
+                    if not same_grid(s, reference)]
+        if off_grid:
+            raise NeuroMapError(
+                f"DICOM study {case.root}: the series are on different voxel grids (reference "
+                f"{reference.label()}; different: {'; '.join(off_grid)}). Segmenting them needs raw-scan preparation "
+                "(co-registration to the reference sequence). Fix: run with --raw, or map series acquired on one grid."
+            )
+        if check_only:
+            return None
+        with ThreadPoolExecutor(max_workers=min(2, len(series))) as pool:
+            channels = list(pool.map(read_series, series))
+        problems = [f"DICOM series {s.label()}: {why}" for s, data in zip(series, channels, strict=True)
+                    for why in (["contains NaN or infinite values"] if not np.all(np.isfinite(data)) else
+                                ["is all zero (empty)"] if not data.any() else [])]
+        if problems:
+            raise NeuroMapError("\n".join(problems))
+        return Volume(case=case, image=np.stack(channels), modalities=modalities,
+                      reference=reference_image(reference), warnings=list(choice.warnings))
+
+    # ------------------------------------------------------------------------------------- outputs
+
+    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
+        files = super().output_files(case, out)
+        return {**files, DICOM_SEG: out / f"{case.case_id}_{DICOM_SEG}"} if DICOM_SEG in optional else files
+
+    def report_extra(self, prediction: Prediction) -> dict:
+        choice = prediction.case.study
+        reference = choice.reference(prediction.volume.modalities)
+        return {"dicom": {"reference_series": reference.uid, **choice.report()}}
+
+    def stage_labels(self, prediction: Prediction, files: dict[str, Path], stack: contextlib.ExitStack,
+                     overwrite: bool) -> None:
+        super().stage_labels(prediction, files, stack, overwrite)
+        if DICOM_SEG in files:
+            choice = prediction.case.study
+            numbers = [s.number for s in choice.series if s.number is not None]
+            write_dicom_seg(prediction.internal, choice.reference(prediction.volume.modalities),
+                            stack.enter_context(atomic_path(files[DICOM_SEG], overwrite)),
+                            f"NeuroMap {prediction.spec.model.name}", max(numbers, default=0) + 1)
+
+    # ------------------------------------------------------------------------------------- labels back
+
+    def label_files(self, root: Path, predicted: bool) -> list[LabelFile]:
+        return []

@@ -1,0 +1,132 @@
+"""The `Layout` interface: one object per kind of input (NIfTI cases, LGG slice folders) owns every decision that
+depends on it, like nnU-Net v2's reader/writer classes: which folders it recognises, how a case is loaded and
+validated, which files a result becomes, and how label files are found and read back for evaluation.
+
+The rest of the package holds a layout object (``case.layout``, ``LabelFile.layout``) and calls these methods;
+it never asks which layout it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+
+from neuromap.io.case import Case, Volume
+
+if TYPE_CHECKING:
+    from neuromap.checkpoint import ModelSpec
+    from neuromap.tasks import Task
+
+
+@dataclass(frozen=True)
+class LabelFile:
+    """A label map of one case found for evaluation: a NIfTI file or a slice folder, read by its ``layout``.
+    ``convention`` is fixed by the dataset naming (MSD, BraTS 2023), or None to decide per file."""
+
+    case_id: str
+    path: Path
+    layout: Layout
+    convention: str | None = None
+
+
+@dataclass
+class LabelPair:
+    """A prediction and its ground truth read back as arrays for scoring, ``task``'s labels on one grid.
+
+    ``spacing`` is the voxel size in mm, None where the files store none; ``slice_numbers`` is set for slice
+    stacks, whose slices are also scored one by one."""
+
+    pred: np.ndarray
+    truth: np.ndarray
+    spacing: tuple[float, ...] | None
+    conventions: dict[str, str]  # "prediction" / "ground_truth" -> convention used
+    slice_numbers: list[int] | None = None
+
+
+@dataclass
+class Prediction:
+    """What the segmenter computed for one case: all a layout's outputs are made from."""
+
+    case: Case
+    volume: Volume
+    spec: ModelSpec  # the model that made it
+    internal: np.ndarray  # internal labels in the input grid
+    labels: nib.Nifti1Image  # ``internal`` in the output label convention, input grid and header
+    task: Task
+    ras: Callable[[np.ndarray], np.ndarray]  # input-grid array -> RAS order at input resolution (for pictures)
+    ras_spacing: tuple[float, float, float]
+
+
+class Layout:
+    """Base class; subclasses implement every method. ``name`` is stable (shown in messages), ``task`` is the
+    task its annotations are for (it picks the default shipped model), ``scored_as`` the evaluation tasks its
+    label files can be scored as, ``label_key`` the name of the label output in `output_files`."""
+
+    name: str
+    description: str  # e.g. "label NIfTIs", for messages that compare kinds of files
+    task: str
+    scored_as: tuple[str, ...]
+    label_key: str
+    spacing_known: bool = True
+    scores_slices: bool = False  # evaluation also scores each slice in 2D (slice stacks)
+    optional_outputs: tuple[str, ...] = ()  # outputs written only on request (DICOM: "seg.dcm", a DICOM SEG)
+
+    # ---- discovery and loading
+    def claims(self, folder: Path) -> bool:
+        """True when ``folder`` is (or holds, without going deeper) cases of this layout."""
+        raise NotImplementedError
+
+    def discover(self, folder: Path) -> list[Case]:
+        """The cases of a folder this layout claims."""
+        raise NotImplementedError
+
+    def load(
+        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
+    ) -> Volume | None:
+        """Validate and load; every problem is raised together in one NeuroMapError. ``with_seg`` None loads the
+        segmentation when there is one, True requires it, False skips it. ``check_only`` returns None."""
+        raise NotImplementedError
+
+    # ---- outputs of a segmentation
+    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
+        """The outputs by name (``label_key``, "report.json", "overlay.png" and the requested ``optional`` ones),
+        as `SegmentResult.files` gives them."""
+        raise NotImplementedError
+
+    def planned_writes(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> list[Path]:
+        """Every file that will be created, checked against inputs and existing files before any work."""
+        raise NotImplementedError
+
+    def stage_labels(self, prediction: Prediction, files: dict[str, Path], stack: contextlib.ExitStack,
+                     overwrite: bool) -> None:
+        """Write the labels under temporary names that ``stack`` renames together with the other outputs."""
+        raise NotImplementedError
+
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+        """The overview PNG and any warnings about it."""
+        raise NotImplementedError
+
+    def report_extra(self, prediction: Prediction) -> dict:
+        """Layout-specific report entries."""
+        return {}
+
+    # ---- reading labels back
+    def label_files(self, root: Path, predicted: bool) -> list[LabelFile]:
+        """Label files of this layout in ``root`` or one level below: predictions as ``neuromap segment`` writes
+        them (``predicted``), else ground truth."""
+        raise NotImplementedError
+
+    def check_pair(self, pred: LabelFile, truth: LabelFile) -> None:
+        """Cheap checks (headers, slice numbers) that the two can be compared, so a mismatch in the last case
+        fails before minutes of work."""
+        raise NotImplementedError
+
+    def read_pair(self, pred: LabelFile, truth: LabelFile, pred_labels: str, gt_labels: str, task: Task) -> LabelPair:
+        """Both label maps as ``task`` scores them; ``pred_labels``/``gt_labels`` are conventions or "auto"."""
+        raise NotImplementedError
