@@ -482,7 +482,10 @@ def test_model_caption_gives_the_model_cards_numbers(monkeypatch, media, tmp_pat
 def test_shipped_validation_text_matches_the_model_card(name):
     model = neuromap.zoo.shipped_models()[name]
     card = model.card.read_text()
-    validation = card[card.index("### val cases"):card.index("### test cases")]
+    # the held-out section: "### val cases" (split models) or "### out-of-fold cases" (cross-validated recipes)
+    heading = "### out-of-fold cases" if "### out-of-fold cases" in card else "### val cases"
+    start = card.index(heading)
+    validation = card[start:card.index("\n##", start + len(heading))]
     for structure, dice in model.val_dice.items():
         assert f"| {structure} (region) | {dice:.3f} ±" in validation
         assert f"{structure} {dice:.3f}" in model.validation_text()
