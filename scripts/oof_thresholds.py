@@ -22,7 +22,7 @@ from neuromap.config import InferenceConfig
 from neuromap.inference import predict_probs
 from neuromap.io import discover_cases, load_case
 from neuromap.labels import REGIONS
-from neuromap.metrics import dice_per_region
+from neuromap.metrics import binary_case_metrics
 from neuromap.preprocess import prepare
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
@@ -43,10 +43,9 @@ def main() -> None:
             probs = predict_probs([(model, spec)], prepared.image, InferenceConfig()).numpy()
             for index, region in enumerate(REGIONS):
                 truth = np.isin(prepared.seg, REGIONS[region])
-                for t in THRESHOLDS:
-                    # Dice of one binary mask: the region's own channel thresholded at t
-                    scores[region][t].append(dice_per_region((probs[index] > t).astype(np.uint8),
-                                                             truth.astype(np.uint8))["WT"])
+                for t in THRESHOLDS:  # the region's own channel thresholded at t
+                    row = binary_case_metrics(probs[index] > t, truth, prepared.spacing, hd95=False)[0]
+                    scores[region][t].append(row["dice"])
     n = len(next(iter(scores["WT"].values())))
     print(f"out-of-fold mean Dice per region and threshold (prepared space, n = {n})")
     print("threshold " + " ".join(f"{t:>6}" for t in THRESHOLDS))

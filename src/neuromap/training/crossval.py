@@ -19,6 +19,7 @@ import numpy as np
 
 from neuromap.config import TrainConfig
 from neuromap.errors import NeuroMapError
+from neuromap.io.atomic import write_bytes_atomic
 from neuromap.tasks import get_task
 
 
@@ -72,7 +73,7 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
             os.symlink(cases[case_id].root.resolve(), Path(tmp) / case_id)
         summary = evaluate(pred_dir, tmp, root / "oof_eval", hd95=hd95, overwrite=True, task=cfg.task)
     table = oof_table(root / "oof_eval" / "metrics.csv", fold_of, cfg.task)
-    (root / "oof_table.md").write_text(table)
+    write_bytes_atomic(root / "oof_table.md", table.encode(), overwrite=True)
     return summary
 
 
@@ -91,15 +92,17 @@ def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
         for values in per_case.values():
             values["dice_mean"] = float(np.mean([values[f"dice_{s}"] for s in structures]))
         columns.insert(len(structures), "dice_mean")
+    def cell(column: str, value: float) -> str:
+        return f"{value:.3f}" if column.startswith("dice") else f"{value:.1f}"
+
     header = "| case | fold | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     for case_id in sorted(per_case, key=lambda c: per_case[c].get("dice_mean", per_case[c][columns[0]])):
         values = per_case[case_id]
         lines.append(f"| {case_id} | {fold_of.get(case_id, '')} | "
-                     + " | ".join(f"{values[c]:.3f}" if "dice" in c else f"{values[c]:.1f}" for c in columns) + " |")
+                     + " | ".join(cell(c, values[c]) for c in columns) + " |")
     for name, func in (("mean", np.nanmean), ("median", np.nanmedian), ("min", np.nanmin)):
         cells = [func([v[c] for v in per_case.values()]) for c in columns]
-        lines.append(f"| **{name}** | | " + " | ".join(
-            f"{x:.3f}" if "dice" in c else f"{x:.1f}" for x, c in zip(cells, columns, strict=True)) + " |")
+        lines.append(f"| **{name}** | | " + " | ".join(cell(c, x) for x, c in zip(cells, columns, strict=True)) + " |")
     lines.append("| **n** | | " + " | ".join(str(len(per_case)) for _ in columns) + " |")
     return "\n".join(lines) + "\n"

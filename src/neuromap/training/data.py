@@ -27,7 +27,9 @@ def site_of(case_id: str) -> str:
     """The acquiring site encoded in a case id, for stratified folds: "Brats18_2013_2_1" -> "2013",
     "Brats18_TCIA01_378_1" -> "TCIA", "TCGA_CS_4941_19960909" -> "CS"; ids without "_" share one site."""
     parts = case_id.split("_")
-    return re.sub(r"\d+$", "", parts[1]) or parts[1] if len(parts) > 1 else ""
+    if len(parts) < 2:
+        return ""
+    return re.sub(r"\d+$", "", parts[1]) or parts[1]  # "TCIA01" -> "TCIA"; an all-digit token ("2013") stays
 
 
 def kfold_assignment(case_ids: list[str], folds: int, seed: int) -> dict[str, int]:
