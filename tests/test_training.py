@@ -59,10 +59,32 @@ def test_config_errors_name_the_field(tmp_path, change, message):
 
 
 def test_example_configs_are_valid():
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
     assert len(configs) >= 6
     for path in configs:
         load_yaml(path, TrainConfig)
+
+
+def test_config_base_merges_nested_fields_and_replaces_model_options(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(
+        {**TINY, "model": {"name": "unet2d", "spatial_dims": 2, "out": "regions", "options": {"features": [8] * 6}},
+         "augment": {"flip": False, "gamma": [0.8, 1.2]}}))
+    (tmp_path / "variant.yaml").write_text(yaml.safe_dump(
+        {"base": "recipe.yaml", "name": "variant", "model": {"name": "attention_unet"}, "augment": {"flip": True}}))
+    cfg = load_yaml(tmp_path / "variant.yaml", TrainConfig)
+    assert cfg.name == "variant"
+    assert (cfg.model.name, cfg.model.out, cfg.model.options) == ("attention_unet", "regions", {})
+    assert cfg.augment.flip and cfg.augment.gamma == (0.8, 1.2)
+
+
+def test_config_base_loop_and_empty_file_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(NeuroMapError, match="loops back"):
+        load_yaml(tmp_path / "a.yaml", TrainConfig)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(NeuroMapError, match="empty"):
+        load_yaml(tmp_path / "empty.yaml", TrainConfig)
 
 
 def test_splits_are_patient_level_and_deterministic():
@@ -138,6 +160,19 @@ def test_train_writes_run_folder(tiny_config):
     assert len((run / "log.csv").read_text().splitlines()) == 1 + TINY["epochs"]
     again = subprocess.run(_train_cmd(tiny_config), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_cpu_budget_stops_the_run_and_decays_the_poly_rate(tiny_config, tmp_path):
+    from neuromap.training.loop import train
+
+    cfg = load_yaml(tiny_config, TrainConfig).model_copy(update={
+        "cpu_minutes": 1e-4, "lr_schedule": "poly", "epochs": 50, "output_dir": str(tmp_path / "budget")})
+    result = train(cfg, progress=False)
+    summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    assert result.stopped == "CPU budget" and result.epochs_run < 50
+    assert summary["cpu_seconds"] >= 60 * 1e-4
+    rows = (tmp_path / "budget" / "log.csv").read_text().splitlines()
+    assert float(rows[1].split(",")[-2]) == cfg.lr  # the first epoch trains at the full rate
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_config, tmp_path):

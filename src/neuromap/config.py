@@ -86,15 +86,45 @@ class ModelConfig(Strict):
 
 
 def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
-    """Read a YAML file into a typed config with a message that names the file and the bad field."""
-    path = Path(path)
+    """Read a YAML file into a typed config with a message that names the file and the bad field.
+
+    A file may start from another with ``base: other.yaml`` (path relative to the file) and list only what it
+    changes, so a study's variants differ from their recipe in the lines that matter, not in copies.
+    """
+    return parse_config(_read_yaml(Path(path), seen=()), model, source=str(path))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise NeuroMapError(f"{path}: config file not found.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise NeuroMapError(f"{path}: not valid YAML ({exc}).") from None
-    return parse_config(data, model, source=str(path))
+    if data is None:
+        raise NeuroMapError(f"{path}: the config file is empty. Fix: write at least a name and data_roots.")
+    if not isinstance(data, dict):
+        raise NeuroMapError(f"{path}: a config must be a YAML mapping (key: value lines), got {type(data).__name__}.")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise NeuroMapError(f"{path}: 'base: {base}' loops back to a file already being read.")
+    return _merge(_read_yaml(base_path, (*seen, base_path)), data)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Nested mappings merge key by key; any other value (lists included) replaces the base's. A model's
+    ``options`` are replaced whole, and dropped when the override names another architecture: one network's
+    options mean nothing to another."""
+    merged = dict(base)
+    if "name" in override and override["name"] != base.get("name"):
+        merged.pop("options", None)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict) and key != "options"
+        merged[key] = _merge(base[key], value) if nested else value
+    return merged
 
 
 def parse_config(data: dict, model: type[BaseModel], source: str = "config") -> BaseModel:
@@ -184,6 +214,11 @@ class TrainConfig(Strict):
     )
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (checked per epoch)")
+    cpu_minutes: float | None = Field(
+        None, gt=0, le=10_000, description="budget in CPU time of the training process: stop once it is spent, and "
+        "with the poly schedule decay the learning rate over the budget instead of over epochs. A fixed CPU budget "
+        "compares architectures of different speeds fairly, whatever else shares the machine"
+    )
     init_checkpoint: str | None = Field(
         None, description="start from this checkpoint's weights where names and shapes match (pretraining)"
     )

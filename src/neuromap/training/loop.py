@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     amp = device.type == "cuda"
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else (torch.float16 if amp else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad": 0, "rows": [], "seconds": 0.0}
+    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad": 0, "rows": [], "seconds": 0.0, "cpu_seconds": 0.0}
     if resume:
         saved = torch.load(last_path, map_location=device, weights_only=False)
         if saved["split"] != split:
@@ -163,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+        state = {"cpu_seconds": 0.0, **saved["state"]}  # runs saved before the CPU budget existed
 
     dataset = PatchDataset(train_cases, cfg, rank=rank)
     # Workers are re-created every epoch (not persistent) so they see the epoch set on the dataset; samples are
@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     started = time.time() - state["seconds"]
     stopped = "epochs"
     for epoch in range(state["epoch"], cfg.epochs):
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         dataset.set_epoch(epoch)
         # Dropout etc. draw from torch's global generator: seed it per epoch so a resumed run repeats exactly.
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
@@ -194,8 +194,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
         score = torch.tensor(-1.0)
+        state["cpu_seconds"] += time.process_time() - cpu0
         if cfg.lr_schedule == "poly":
             scheduler.step()
+            if cfg.cpu_minutes:  # decay over the share of the CPU budget spent, if that is ahead of the epochs
+                spent = max(state["cpu_seconds"] / (cfg.cpu_minutes * 60), (epoch + 1) / cfg.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * max(1 - spent, 0.0) ** 0.9
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             val: dict[str, float] = {}
             if rank == 0 and val_cases:
@@ -234,10 +239,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         if cfg.max_minutes and state["seconds"] > cfg.max_minutes * 60:
             stopped = "time limit"
             break
+        if cfg.cpu_minutes and state["cpu_seconds"] >= cfg.cpu_minutes * 60:
+            stopped = "CPU budget"
+            break
     if rank == 0:
         summary = {
             "name": cfg.name, "stopped": stopped, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
-            "best_val_dice_mean": state["best"], "wall_seconds": round(state["seconds"], 1), "hardware": hardware(),
+            "best_val_dice_mean": state["best"], "wall_seconds": round(state["seconds"], 1),
+            "cpu_seconds": round(state["cpu_seconds"], 1), "hardware": hardware(),
             "world_size": world, "split": {k: len(v) for k, v in split.items()}, "seed": cfg.seed,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
