@@ -21,6 +21,7 @@ import torch
 
 from neuromap.checkpoint import ModelSpec, load_model
 from neuromap.config import InferenceConfig
+from neuromap.engines import engine_name, wrap_model
 from neuromap.errors import NeuroMapError
 from neuromap.inference import postprocess, predict_probs, probs_to_labels
 from neuromap.io import Case, Volume, duplicate_ids, label_image, load_case
@@ -91,14 +92,17 @@ def _cached_model(path: str, mtime: float) -> tuple[torch.nn.Module, ModelSpec]:
     return load_model(path)
 
 
-def get_models(paths: list[Path], device: torch.device) -> list[tuple[torch.nn.Module, ModelSpec]]:
+def get_models(
+    paths: list[Path], device: torch.device, engine: str = "torch"
+) -> list[tuple[torch.nn.Module, ModelSpec]]:
+    """Models loaded once per process (by file and mtime), each wrapped in ``engine`` (`neuromap.engines`)."""
     out = []
     for path in paths:
         if not path.is_file():
             raise NeuroMapError(f"{path}: model not found. Shipped models: {sorted(shipped_models()) or 'none'}.")
         model, spec = _cached_model(str(path.resolve()), path.stat().st_mtime)
         memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
-        out.append((model.to(device, memory_format=memory_format), spec))
+        out.append((wrap_model(model.to(device, memory_format=memory_format), spec, engine, path, device), spec))
     specs = [s for _, s in out]
     if len({(tuple(s.modalities), s.task, s.model.out) for s in specs}) > 1:
         raise NeuroMapError("ensemble members must share modalities, task and output type.")
@@ -261,7 +265,7 @@ def segment_case(
     t0 = time.perf_counter()
     device = _device(cfg.device)
     model_paths = resolve_model_paths(model, case.modalities, case_task(case))
-    models = get_models(model_paths, device)
+    models = get_models(model_paths, device, cfg.engine)
     spec = models[0][1]
     outputs = OUTPUTS.get(case.layout, NiftiOutputs())
     if dicom_seg or case.layout == "dicom":
@@ -307,6 +311,7 @@ def segment_case(
         **outputs.report_extra(prediction),
         "warnings": warnings,
         "device": str(device),
+        "engine": engine_name(models[0][0]),
     }
     result = SegmentResult(case.case_id, prediction.labels, report)
     if files:
