@@ -175,7 +175,7 @@ def run_model(label: str, checkpoint: Path, args, out: dict, save) -> None:
     names = list(engines)
     for index, case_name in enumerate(EVAL_CASES[: args.cases]):
         case = discover_cases(DATA / case_name)[0]
-        truth = to_internal(np.asarray(nib.load(case.seg.path).dataobj), "brats2017")
+        truth = to_internal(np.asarray(nib.load(case.seg.path).dataobj), "brats")
         if "flops_per_case" not in notes:
             prepared = seg.prepare(load_case(case, spec.modalities), spec.preprocess).image
             divisor = required_divisor(spec.model)
@@ -277,6 +277,20 @@ def summarize(results: list[dict]) -> list[dict]:
     return rows
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table for docs/experiments/inference_engines.md."""
+    lines = ["| ISA | model | engine | n | model stage CPU s (median) | speed-up vs eager, CPU / wall | peak above "
+             "start MB | min Dice vs eager WT/TC/ET | max abs change of Dice vs truth WT/TC/ET | GFLOP per CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        agree = " / ".join(f"{r['min_dice_vs_eager'][k]:.4f}" for k in ("WT", "TC", "ET"))
+        change = " / ".join(f"{r['max_abs_dice_change_vs_truth'][k]:.4f}" for k in ("WT", "TC", "ET"))
+        lines.append(f"| {r['isa']} | {r['model'].split(' (')[0]} | {r['engine']} | {r['n_cases']} | {r['model_cpu_s']} "
+                     f"| {r['cpu_speedup_vs_eager']}x / {r['wall_speedup_vs_eager']}x | {r['peak_above_start_mb']} "
+                     f"| {agree} | {change} | {r['gflop_per_cpu_s']} (peak {r['matmul_peak_gflop_per_cpu_s']}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=4, help="evaluation cases per model (max 6)")
@@ -307,8 +321,7 @@ def main() -> None:
     summary = {"machine": cpu_info(), "runs": results, "summary": summarize(results)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
-    for row in summary["summary"]:
-        print(json.dumps(row))
+    print(markdown(summary["summary"]))
 
 
 if __name__ == "__main__":
