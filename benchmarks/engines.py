@@ -220,8 +220,10 @@ def child(args) -> None:
 
     default = next(n for n, e in shipped_models().items() if e.get("task", "brats") == "brats"
                    and len(e["modalities"]) == 4)
-    run_model(f"{default} (shipped default)", WEIGHTS_DIR / shipped_models()[default]["file"], args, out, save)
-    run_model("2.5D U-Net (configs/brats_unet25d.yaml)", _model25(args), args, out, save)
+    if args.only in (None, "default"):
+        run_model(f"{default} (shipped default)", WEIGHTS_DIR / shipped_models()[default]["file"], args, out, save)
+    if args.only in (None, "25d"):
+        run_model("2.5D U-Net (configs/brats_unet25d.yaml)", _model25(args), args, out, save)
     out["cpu"]["load_avg_end"] = os.getloadavg()
     save()
 
@@ -285,7 +287,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         agree = " / ".join(f"{r['min_dice_vs_eager'][k]:.4f}" for k in ("WT", "TC", "ET"))
         change = " / ".join(f"{r['max_abs_dice_change_vs_truth'][k]:.4f}" for k in ("WT", "TC", "ET"))
-        lines.append(f"| {r['isa']} | {r['model'].split(' (')[0]} | {r['engine']} | {r['n_cases']} | {r['model_cpu_s']} "
+        model = r["model"].split(" (")[0]
+        lines.append(f"| {r['isa']} | {model} | {r['engine']} | {r['n_cases']} | {r['model_cpu_s']} "
                      f"| {r['cpu_speedup_vs_eager']}x / {r['wall_speedup_vs_eager']}x | {r['peak_above_start_mb']} "
                      f"| {agree} | {change} | {r['gflop_per_cpu_s']} (peak {r['matmul_peak_gflop_per_cpu_s']}) |")
     return "\n".join(lines)
@@ -299,6 +302,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile)")
     parser.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     parser.add_argument("--model25", help="a trained 2.5D checkpoint (default: random weights of that shape)")
+    parser.add_argument("--only", choices=["default", "25d"], help="measure one of the two models")
     parser.add_argument("--json", default=str(RESULT))
     parser.add_argument("--child", choices=sorted(ISA_ENV), help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
@@ -313,6 +317,7 @@ def main() -> None:
         part = Path(args.json).with_suffix(f".{isa}.part.json")
         cmd = [sys.executable, __file__, "--child", isa, "--child-json", str(part), "--cases", str(args.cases),
                "--threads", str(args.threads), "--calibration", args.calibration]
+        cmd += ["--only", args.only] if args.only else []
         cmd += (["--compile"] if args.compile else []) + (["--model25", args.model25] if args.model25 else [])
         subprocess.run(cmd, check=False, env={**os.environ, **ISA_ENV[isa], "PYTHONWARNINGS": "ignore"})
         if part.is_file():
