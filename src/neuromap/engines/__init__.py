@@ -87,7 +87,13 @@ def cached_onnx(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | Path)
     checkpoint = Path(checkpoint)
     target = cache_dir() / "onnx" / f"{checkpoint.stem}-{_file_key(checkpoint)}.onnx"
     if not target.is_file():
-        export_onnx(model, spec, target, overwrite=True)  # atomic: concurrent processes cannot see half a file
+        try:
+            export_onnx(model, spec, target, overwrite=True)  # atomic: concurrent processes never see half a file
+        except PermissionError as exc:
+            raise NeuroMapError(
+                f"cannot write the engine cache {target.parent} ({exc.strerror}). Fix: set NEUROMAP_CACHE_DIR to a "
+                "writable folder, or use --engine torch."
+            ) from None
     return target
 
 

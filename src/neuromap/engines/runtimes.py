@@ -9,6 +9,7 @@ network's divisor, and the last slice batch of a case is smaller than the others
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,14 @@ class OpenVinoModel(EngineModel):
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = core.compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()  # one request, shared by the web app's sessions: one inference at a time
         self.name = f"openvino {ov.__version__}: {Path(path).name}"
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        self.request.infer({0: _numpy_input(batch)}, share_inputs=True)
-        # The output buffer is reused by the next call: copy it out.
-        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        with self.lock:
+            self.request.infer({0: _numpy_input(batch)}, share_inputs=True)
+            # The output buffer is reused by the next call: copy it out.
+            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
 
 
 class CompiledTorchModel(EngineModel):
