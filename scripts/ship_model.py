@@ -5,6 +5,9 @@ run's split is segmented with the shipped (float16-stored) weights through `neur
 own voxel grid, and scored with `neuromap.evaluate` against the expert labels.
 
     python scripts/ship_model.py runs/brats_unet2d --name brats_unet2d --config configs/brats_unet2d.yaml
+
+A model trained on every labelled case (``split: {mode: all}``) has no held-out case of its own: pass ``--cv RUN``, the
+cross-validation run of the same recipe (``neuromap cv``), and the card reports its out-of-fold results instead.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--config", required=True, help="the YAML the run was started with (for the card)")
     parser.add_argument("--note", default="", help="extra text for the card (e.g. how it was chosen)")
+    parser.add_argument("--cv", type=Path, help="cross-validation run of the same recipe (for all-data models)")
+    parser.add_argument("--cv-config", help="the YAML the cross-validation was run with (for the card)")
     args = parser.parse_args()
 
     payload = read_checkpoint(args.run_dir / "best.pt")
@@ -65,14 +70,20 @@ def main() -> None:
     by_id = {c.case_id: c.root for c in discover_cases(root)}
     measured = {part: measure(target, [by_id[i] for i in split[part]], root, spec.task)
                 for part in ("val", "test") if split.get(part)}
+    if args.cv:
+        measured["out-of-fold"] = {"summary": json.loads((args.cv / "oof_eval" / "summary.json").read_text()),
+                                   "seconds_per_case": []}
+    held_out = measured["out-of-fold" if args.cv else "val"]["summary"]
     index_path = WEIGHTS_DIR / "models.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index[args.name] = {
         "file": target.name, "modalities": spec.modalities, "task": spec.task, "architecture": spec.model.name,
         "card": f"{args.name}.md",
+        # the model choice breaks ties with this Dice: out of fold for cross-validated recipes
         "val_dice": {r["structure"]: round(r["metrics"]["dice"]["mean"], 4)
-                     for r in measured["val"]["summary"]["structures"] if r["kind"] == "region"},
-        "n_val": len(split["val"]),
+                     for r in held_out["structures"] if r["kind"] == "region"},
+        "n_val": held_out["n_cases"],
+        "val_kind": "cross-validation, out of fold" if args.cv else "validation split",
     }
     index_path.write_text(json.dumps(index, indent=2) + "\n")
 
@@ -90,13 +101,17 @@ def main() -> None:
         "## Data and split",
         f"- Data: `{root}`: " + ("BraTS 2018 training cases with expert labels (all four sequences)"
                                  if spec.task == "brats" else "LGG kaggle_3m patients (2D slices, FLAIR abnormality "
-                                 "masks; pixel spacing unknown)") +
-        f". Patient-level split, seed {run_cfg['seed']}, ratios {run_cfg['split']['ratios']}.",
+                                 "masks; pixel spacing unknown)")
+        + (f". Trained on all {len(split['train'])} labelled cases (no hold-out); its recipe was cross-validated "
+           f"in `{args.cv}` ({run_cfg['split']['folds']} patient-level folds stratified by site, seed "
+           f"{run_cfg['seed']}, `neuromap cv {args.cv_config}`)." if args.cv else
+           f". Patient-level split, seed {run_cfg['seed']}, ratios {run_cfg['split']['ratios']}."),
         f"- Train ({len(split['train'])}): {', '.join(split['train'])}",
-        f"- Validation ({len(split['val'])}, used for the best-checkpoint choice and learning-rate schedule): "
-        f"{', '.join(split['val'])}",
-        f"- Test ({len(split.get('test', []))}, never seen in training or selection): "
-        f"{', '.join(split.get('test', []))}", "",
+        *([] if args.cv else [
+            f"- Validation ({len(split['val'])}, used for the best-checkpoint choice and learning-rate schedule): "
+            f"{', '.join(split['val'])}",
+            f"- Test ({len(split.get('test', []))}, never seen in training or selection): "
+            f"{', '.join(split.get('test', []))}"]), "",
         "## Training",
         f"- Command: `neuromap train {args.config}` (code at this commit), then "
         f"`python scripts/ship_model.py {args.run_dir} --name {args.name} --config {args.config}`.",
@@ -112,21 +127,31 @@ def main() -> None:
     for part, result in measured.items():
         summ = result["summary"]
         unit = "mm" if spec.task == "brats" else "pixels"
-        card += ["", f"### {part} cases (n = {len(split[part])})", "", table(summ, unit=unit)]
+        card += ["", f"### {part} cases (n = {summ['n_cases']})", "", table(summ, unit=unit)]
+        if part == "out-of-fold":
+            card += ["", "Each case scored once, by the fold model that never saw it (fixed budget, last checkpoint: "
+                     "the held-out fold steered nothing). Per case, worst first:", "",
+                     (args.cv / "oof_table.md").read_text()]
         if "per_slice" in summ:  # binary LGG task: per-patient (3D) above, per-slice below
             slices = summ["per_slice"]
             card += ["", "Per patient above (3D over each slice stack). Per slice, all slices "
                      f"(n = {slices['n_slices']}):", "", table(summ, slices["all_slices"], unit), "",
                      "Per slice, only slices with ground-truth abnormality:", "",
                      table(summ, slices["slices_with_ground_truth"], unit), "", f"_{slices['convention']}_"]
-        card += ["", f"Segmentation time per case on this CPU (s): {[round(s, 1) for s in result['seconds_per_case']]}"]
+        if result["seconds_per_case"]:
+            card += ["", "Segmentation time per case on this CPU (s): "
+                     f"{[round(s, 1) for s in result['seconds_per_case']]}"]
     card += [
         "", "## Limits", "",
-        f"- Trained on {len(split['train'])} cases from one public dataset; the validation and test sets are tiny "
-        "(the numbers above have wide uncertainty). Expect lower accuracy on scans from other scanners, protocols "
+        f"- Trained on {len(split['train'])} cases from one public dataset; "
+        + ("the out-of-fold estimate rests on those same few cases" if args.cv else
+           "the validation and test sets are tiny")
+        + " (the numbers above have wide uncertainty). Expect lower accuracy on scans from other scanners, protocols "
         "or tumour types (e.g. metastases), and on scans that are not skull-stripped and co-registered.",
-        "- Validation cases steered checkpoint selection, so their scores are optimistic; the test cases are not.",
     ]
+    if not args.cv:
+        card.append("- Validation cases steered checkpoint selection, so their scores are optimistic; the test cases "
+                    "are not.")
     if args.note:
         card += ["", "## Notes", "", args.note]
     (WEIGHTS_DIR / f"{args.name}.md").write_text("\n".join(card) + "\n")

@@ -92,6 +92,7 @@ def test_cv_command_trains_a_fold_and_scores_its_cases_out_of_fold(tmp_path, cap
         "model": {"name": "unet2d", "spatial_dims": 2, "out": "regions", "options": {"features": [4, 4, 8, 8, 16, 4]}},
         "patch_size": [48, 48], "batch_size": 2, "epochs": 1, "iterations_per_epoch": 2, "val_every": 1,
         "lr_schedule": "poly", "select": "last", "split": {"mode": "kfold", "folds": 5}, "threads": 2,
+        "batch_dice": True, "precision": "bf16",
         "augment": {"channel_wise": True, "bias_field": 0.3, "noise_std": 0.05, "blur_sigma": [0.5, 1.0],
                     "low_resolution": [0.5, 1.0], "prob": 1.0},
     }

@@ -106,7 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = fold_config(cfg, args.fold)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
-    print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; stopped by {result.stopped}; "
+    scored = f"validation Dice {result.best_dice:.4f}" if result.best_dice >= 0 else "no validation cases"
+    print(f"kept epoch {result.best_epoch} ({scored}); stopped by {result.stopped}; "
           f"checkpoint {result.best_checkpoint}")
     return 0
 

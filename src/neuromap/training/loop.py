@@ -155,6 +155,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         )
     loss_fn = make_loss(cfg).to(device)
     amp = device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else (torch.float16 if amp else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad": 0, "rows": [], "seconds": 0.0}
     if resume:
@@ -185,8 +186,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         for image, label in bar:
             image, label = image.to(device, memory_format=memory_format), label.to(device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
-                loss = loss_fn(net(image), label)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp or cfg.precision == "bf16"):
+                logits = net(image)
+            loss = loss_fn(logits.float(), label)  # the loss in float32 whatever the network ran in
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

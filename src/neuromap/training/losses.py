@@ -19,12 +19,13 @@ def make_loss(cfg: TrainConfig) -> torch.nn.Module:
     regions = cfg.model.out == "regions"
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
     act = {"sigmoid": True} if regions else {"softmax": True, "to_onehot_y": True}
+    batch = {"batch": cfg.batch_dice}
     if cfg.loss == "dice":
-        loss = DiceLoss(**act)
+        loss = DiceLoss(**act, **batch)
     elif cfg.loss == "weighted_dice":
-        loss = DiceLoss(**act, weight=weight if weight is not None else _inverse_frequency_default(cfg))
+        loss = DiceLoss(**act, **batch, weight=weight if weight is not None else _inverse_frequency_default(cfg))
     elif cfg.loss == "dice_ce":
-        loss = DiceCELoss(**act, weight=weight)
+        loss = DiceCELoss(**act, **batch, weight=weight)
     elif cfg.loss == "focal":
         loss = FocalLoss(use_softmax=not regions, to_onehot_y=not regions, weight=weight)
     else:
