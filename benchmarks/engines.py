@@ -131,6 +131,15 @@ def build_engines(model, spec, checkpoint: Path, work: Path, args, threads: int)
     start = time.perf_counter()
     export = export_onnx(model, spec, fp32, overwrite=True)
     notes["export"] = {"seconds": time.perf_counter() - start, "max_abs_logit_diff": export.max_abs_diff}
+    engines = {"torch eager fp32": model}
+    engines["onnxruntime fp32"] = OnnxRuntimeModel(fp32, threads)
+    engines["openvino fp32"] = OpenVinoModel(fp32, threads)
+    notes["aten_capability"] = torch.backends.cpu.get_cpu_capability()
+    if args.compile:
+        engines["torch.compile fp32"] = CompiledTorchModel(model)
+    if args.fp32_only:
+        notes["openvino_kernels"] = {"openvino fp32": openvino_kernels(engines["openvino fp32"])}
+        return engines, notes
     start = time.perf_counter()
     images = []
     for name in CALIBRATION_CASES:  # central 48 slices of each: where the tumour and most brain are
@@ -141,15 +150,9 @@ def build_engines(model, spec, checkpoint: Path, work: Path, args, threads: int)
     int8 = quantize_int8(fp32, work / f"{checkpoint.stem}-int8.onnx", batches, method=args.calibration)
     notes["int8"] = {"seconds": time.perf_counter() - start, "calibration_slices": sum(len(b) for b in batches),
                      "calibration_cases": CALIBRATION_CASES, "method": args.calibration}
-    engines = {"torch eager fp32": model}
-    engines["onnxruntime fp32"] = OnnxRuntimeModel(fp32, threads)
-    engines["openvino fp32"] = OpenVinoModel(fp32, threads)
     engines["onnxruntime int8"] = OnnxRuntimeModel(int8, threads)
     engines["openvino int8"] = OpenVinoModel(int8, threads)
     notes["openvino_kernels"] = {k: openvino_kernels(engines[k]) for k in ("openvino fp32", "openvino int8")}
-    notes["aten_capability"] = torch.backends.cpu.get_cpu_capability()
-    if args.compile:
-        engines["torch.compile fp32"] = CompiledTorchModel(model)
     return engines, notes
 
 
@@ -303,6 +306,7 @@ def main() -> None:
     parser.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     parser.add_argument("--model25", help="a trained 2.5D checkpoint (default: random weights of that shape)")
     parser.add_argument("--only", choices=["default", "25d"], help="measure one of the two models")
+    parser.add_argument("--fp32-only", action="store_true", help="skip int8 (quantization takes minutes)")
     parser.add_argument("--json", default=str(RESULT))
     parser.add_argument("--child", choices=sorted(ISA_ENV), help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
@@ -317,7 +321,7 @@ def main() -> None:
         part = Path(args.json).with_suffix(f".{isa}.part.json")
         cmd = [sys.executable, __file__, "--child", isa, "--child-json", str(part), "--cases", str(args.cases),
                "--threads", str(args.threads), "--calibration", args.calibration]
-        cmd += ["--only", args.only] if args.only else []
+        cmd += (["--only", args.only] if args.only else []) + (["--fp32-only"] if args.fp32_only else [])
         cmd += (["--compile"] if args.compile else []) + (["--model25", args.model25] if args.model25 else [])
         subprocess.run(cmd, check=False, env={**os.environ, **ISA_ENV[isa], "PYTHONWARNINGS": "ignore"})
         if part.is_file():
