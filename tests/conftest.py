@@ -16,6 +16,21 @@ needs_real_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Path:
+    """Engine exports (neuromap.engines) go to a private folder, never the user's ~/.cache; subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("engine-cache")
+    previous = os.environ.get("NEUROMAP_CACHE_DIR")
+    os.environ["NEUROMAP_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("NEUROMAP_CACHE_DIR", None)
+    else:
+        os.environ["NEUROMAP_CACHE_DIR"] = previous
+
+
 @pytest.fixture
 def synthetic_case(tmp_path: Path) -> Path:
     from neuromap.synthetic import write_synthetic_case

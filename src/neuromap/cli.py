@@ -161,7 +161,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.io import cases_from_inputs
     from neuromap.segmenter import Segmenter
 
-    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
+    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads, engine=args.engine)
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
         segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
         results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
@@ -171,6 +171,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for w in r.report["warnings"]:
             print(f"  warning: {w}")
     print("Research use only.")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from neuromap.engines.onnx_export import export_command
+
+    print(export_command(args.model, args.format, args.output, args.overwrite))
     return 0
 
 
@@ -318,9 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
     p.add_argument("--threads", type=int)
+    p.add_argument("--engine", choices=["auto", "torch", "torch-compile", "onnxruntime", "openvino"], default="auto",
+                   help="what runs the network; auto = fastest installed CPU engine, else PyTorch (default)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("export", help="write a model as ONNX (spec in its metadata; checked against PyTorch)")
+    p.add_argument("model", help="shipped model name or checkpoint path")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("-o", "--output", help="output file (default: ./<model>.onnx)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics per case, class and region (Dice, IoU, HD95, ...) + summary")
     p.add_argument("pred_dir")

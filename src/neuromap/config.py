@@ -277,3 +277,7 @@ class InferenceConfig(Strict):
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    engine: Literal["auto", "torch", "torch-compile", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the network (neuromap.engines): auto = the fastest installed CPU engine "
+        "(measured: docs/experiments/inference_engines.md), PyTorch when none is installed or on a GPU"
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 
 from neuromap.checkpoint import ModelSpec, load_model
 from neuromap.config import InferenceConfig, parse_config
+from neuromap.engines import engine_name, resolve_engine, wrap_model
 from neuromap.errors import NeuroMapError
 from neuromap.export import labels_in_input_grid, output_image
 from neuromap.inference import predict_probs
@@ -36,6 +37,7 @@ from neuromap.tasks import task_of
 from neuromap.zoo import resolve_model_paths, shipped_models
 
 ModelChoice = str | Path | list[str | Path] | None
+Runner = Callable[[torch.Tensor], torch.Tensor]  # a torch module or an engine with its call signature
 
 
 @dataclass
@@ -63,8 +65,10 @@ class Segmenter:
     ``model``: a shipped name, a checkpoint path, several (an ensemble), or None for the best shipped model of
     each case's task and sequences (`neuromap.zoo.default_model`). ``labels``: the output label convention for
     BraTS models (binary models always write "binary", see `neuromap.tasks`). ``dicom_seg``: DICOM cases also get
-    ``<case>_seg.dcm``, a DICOM SEG on the reference series. Named models are loaded here, so
-    a bad path fails before any case; automatic choices are loaded on first use; each model is loaded once.
+    ``<case>_seg.dcm``, a DICOM SEG on the reference series. The engine that runs the network
+    (``cfg.engine``, `neuromap.engines`) is resolved here, so a missing package fails before any case, and each
+    model is loaded and wrapped in it once. Named models are loaded here, so a bad path fails before any case;
+    automatic choices are loaded on first use.
     """
 
     def __init__(self, model: ModelChoice = None, cfg: InferenceConfig | None = None, labels: str = "brats",
@@ -77,7 +81,9 @@ class Segmenter:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.device = self._device(self.cfg.device)
-        self._loaded: dict[tuple[Path, float], tuple[torch.nn.Module, ModelSpec]] = {}  # by file and mtime
+        self.engine = resolve_engine(self.cfg.engine, self.device)
+        # by file and mtime: the model as the engine runs it (the module itself for PyTorch), and its spec
+        self._loaded: dict[tuple[Path, float], tuple[Runner, ModelSpec]] = {}
         self._named = resolve_model_paths(model, []) if model is not None else None
         if self._named is not None:
             self._models(self._named)
@@ -88,7 +94,7 @@ class Segmenter:
             raise NeuroMapError("--device cuda requested but no CUDA GPU is available. Fix: use --device cpu.")
         return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
-    def _models(self, paths: list[Path]) -> list[tuple[torch.nn.Module, ModelSpec]]:
+    def _models(self, paths: list[Path]) -> list[tuple[Runner, ModelSpec]]:
         keys = []
         for path in paths:
             if not path.is_file():
@@ -98,7 +104,9 @@ class Segmenter:
             if keys[-1] not in self._loaded:
                 model, spec = load_model(path)
                 memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
-                self._loaded[keys[-1]] = (model.to(self.device, memory_format=memory_format), spec)
+                model = model.to(self.device, memory_format=memory_format)
+                runner = wrap_model(model, spec, self.engine, path, fallback=self.cfg.engine == "auto")
+                self._loaded[keys[-1]] = (runner, spec)
         models = [self._loaded[key] for key in keys]
         if len({(tuple(s.modalities), s.task, s.model.out) for _, s in models}) > 1:
             raise NeuroMapError("ensemble members must share modalities, task and output type.")
@@ -160,7 +168,7 @@ class Segmenter:
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
         report = case_report(volume, spec, task, model_files, cfg, convention, internal, warnings, str(self.device),
-                             layout.report_extra(prediction))
+                             engine_name(models[0][0]), layout.report_extra(prediction))
         result = SegmentResult(case.case_id, prediction.labels, report)
         if files:
             t1 = time.perf_counter()
