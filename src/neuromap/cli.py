@@ -62,9 +62,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failures = 0
     for case in _cases(args.paths, _parse_map(args.map)):
         try:
-            validate_case(case, modalities)
+            if args.raw:  # each sequence on its own grid: checked one by one
+                from neuromap.prepare_raw.inputs import read_sequences
+
+                read_sequences(case, modalities or case.modalities)
+            else:
+                validate_case(case, modalities)
             seg = f", segmentation {case.seg.path.name}" if case.seg else ""
-            print(f"OK   {case.case_id} [{case.layout}] {', '.join(case.modalities)}{seg}")
+            print(f"OK   {case.case_id} [{case.layout}{', raw' if args.raw else ''}] {', '.join(case.modalities)}{seg}")
         except NeuroMapError as exc:
             failures += 1
             print(f"FAIL {case.case_id}:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
@@ -152,7 +157,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise NeuroMapError("give a case folder, a folder of cases, or --map MODALITY=FILE ...")
     models = args.model if args.model and len(args.model) > 1 else (args.model[0] if args.model else None)
     results = segment(inputs, args.output_dir, model=models, labels=args.labels, overwrite=args.overwrite,
-                      progress=not args.quiet, cfg=cfg, series_map=series_map, dicom_seg=args.dicom_seg)
+                      progress=not args.quiet, cfg=cfg, series_map=series_map, dicom_seg=args.dicom_seg,
+                      raw=_raw_options(args))
     for r in results:
         print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
               f"-> {r.labels_output}")
@@ -160,6 +166,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"  warning: {w}")
     print("Research use only.")
     return 0
+
+
+def _raw_options(args: argparse.Namespace):
+    """``--raw`` and its companions as `RawOptions` (None without ``--raw``; companions alone are a mistake)."""
+    companions = {"--reference": args.reference, "--skull-stripped": args.skull_stripped, "--n4": args.n4,
+                  "--save-brain-mask": args.save_brain_mask, "--save-prepared": args.save_prepared}
+    if not args.raw:
+        given = [name for name, value in companions.items() if value]
+        if given:
+            raise NeuroMapError(f"{', '.join(given)} only apply to raw scans. Fix: add --raw, or leave them out.")
+        return None
+    from neuromap.prepare_raw import RawOptions
+
+    return RawOptions(reference=args.reference, skull_stripped=args.skull_stripped, n4=args.n4,
+                      save_brain_mask=args.save_brain_mask, save_prepared=args.save_prepared, threads=args.threads)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -256,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", default=["."])
     p.add_argument("--modalities", help="comma list the cases must have, e.g. t1ce,flair")
     p.add_argument("--map", nargs="+", help="MODALITY=FILE pairs or a YAML mapping file; DICOM: MODALITY=SERIES")
+    p.add_argument("--raw", action="store_true", help="raw scans: check each sequence alone (grids may differ)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("preprocess", help="run preprocessing and print what it did (no files written)")
@@ -296,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MODALITY=FILE pairs or a YAML mapping file (one case); with a DICOM study "
                    "MODALITY=SERIES (SeriesInstanceUID, series number or exact description)")
     p.add_argument("--dicom-seg", action="store_true", help="DICOM input: also write <case>_seg.dcm (DICOM SEG)")
+    raw = p.add_argument_group("raw scans (sequences on their own grids, skull on, thick slices)")
+    raw.add_argument("--raw", action="store_true", help="co-register to a reference sequence, extract the brain "
+                     "(deepbet), resample to 1 mm, segment, and write the labels on the reference's own grid")
+    raw.add_argument("--reference", metavar="MOD", help="reference sequence (default t1ce, else flair)")
+    raw.add_argument("--skull-stripped", action="store_true", help="inputs are already skull-stripped: brain = "
+                     "non-zero voxels, no deepbet")
+    raw.add_argument("--n4", action="store_true", help="N4 bias-field correction inside the brain")
+    raw.add_argument("--save-brain-mask", action="store_true", help="also write <case>_brain_mask.nii.gz "
+                     "(reference grid)")
+    raw.add_argument("--save-prepared", action="store_true", help="also write <case>_<mod>_prepared.nii.gz "
+                     "(co-registered, 1 mm)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",

@@ -29,6 +29,7 @@ from neuromap.io.dicom import dicom_cases
 from neuromap.io.dicom_seg import DicomOutputs
 from neuromap.io.lgg import lgg_mask_paths, write_lgg_masks
 from neuromap.labels import from_internal
+from neuromap.prepare_raw.outputs import RawOptions, RawOutputs
 from neuromap.preprocess import Inverse, prepare
 from neuromap.report import LEGENDS, RESEARCH_NOTICE, montage_png, overlay_png, volume_voxels
 
@@ -244,12 +245,15 @@ def _input_warnings(volume: Volume, spec: ModelSpec) -> list[str]:
 def segment_case(
     case: Case, output_dir: str | Path | None = None, model: str | Path | list | None = None,
     cfg: InferenceConfig | None = None, labels: str = "brats", overwrite: bool = False, dicom_seg: bool = False,
+    raw: RawOptions | None = None,
 ) -> SegmentResult:
     """Segment one case. With ``output_dir``, write its layout's label output (``<case>_seg.nii.gz`` in the
     input grid; for LGG slice folders ``<case>/<slice stem>_pred_mask.tif``), ``<case>_report.json`` and
     ``<case>_overlay.png``: all checked before any work, staged under temporary names and renamed together.
     DICOM studies also list the series used and ignored in the report, and with ``dicom_seg`` write
-    ``<case>_seg.dcm`` (DICOM SEG on the reference series).
+    ``<case>_seg.dcm`` (DICOM SEG on the reference series). With ``raw`` (`neuromap.prepare_raw`), sequences on
+    their own grids are co-registered, brain-extracted and resampled first, and the labels go back onto the
+    reference sequence's grid.
 
     Binary models write the "binary" label convention (1 = abnormality) whatever ``labels`` says; BraTS
     conventions would call their label 1 necrotic core.
@@ -266,11 +270,13 @@ def segment_case(
     outputs = OUTPUTS.get(case.layout, NiftiOutputs())
     if dicom_seg or case.layout == "dicom":
         outputs = DicomOutputs(case, outputs, dicom_seg)
+    if raw is not None:
+        outputs = RawOutputs(outputs, raw, spec.modalities)
     files: dict[str, Path] = {}
     if output_dir is not None:
         files = outputs.files(case, Path(output_dir))
         _guard_outputs(case, outputs.written(case, Path(output_dir)), overwrite)
-    volume: Volume = load_case(case, spec.modalities, with_seg=False)
+    volume: Volume = outputs.prepare(case, spec.modalities) if raw else load_case(case, spec.modalities, with_seg=False)
     timings["load_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     prepared = prepare(volume, spec.preprocess)
@@ -284,6 +290,8 @@ def segment_case(
     inverse = prepared.inverse
     internal = inverse.to_original(probs_to_labels(inverse.to_crop(probs.cpu(), linear=True), spec))
     internal, notes = postprocess(internal, volume.voxel_ml if volume.spacing_known else None, cfg)
+    if raw is not None:  # from the 1 mm working grid onto the reference sequence's own grid
+        internal, volume = outputs.to_reference(internal)
     convention = "binary" if spec.task == "binary" else labels
     prediction = Prediction(case, spec, prepared.inverse, internal,
                             label_image(from_internal(internal, convention), volume.reference))
@@ -335,6 +343,7 @@ def segment(
     output_dir: str | Path | None = None, model: str | Path | list | None = None, tta: bool | None = None,
     device: str | None = None, labels: str = "brats", overwrite: bool = False, progress: bool = False,
     cfg: InferenceConfig | None = None, series_map: dict[str, str] | None = None, dicom_seg: bool = False,
+    raw: bool | RawOptions = False,
 ) -> list[SegmentResult]:
     """Segment one or many cases (the Python face of ``neuromap segment``).
 
@@ -343,7 +352,8 @@ def segment(
     image (input grid, ``labels`` convention) and the report dict; files are written when ``output_dir`` is set.
     ``tta`` and ``device``, when given, override the same fields of ``cfg``. A DICOM study folder is a case too:
     ``series_map`` ({"t1ce": SERIES_UID, number or description}) overrides its automatic choice of series and
-    ``dicom_seg`` adds a DICOM SEG output.
+    ``dicom_seg`` adds a DICOM SEG output. ``raw=True`` (or a `RawOptions`: reference, skull_stripped, n4,
+    save_brain_mask, save_prepared) prepares raw scans first: sequences on their own grids, skull on, thick slices.
     """
     given = {"tta": tta, "device": device}
     cfg = (cfg or InferenceConfig()).model_copy(update={k: v for k, v in given.items() if v is not None})
@@ -353,7 +363,8 @@ def segment(
     # validated loader reads them; the folder is removed when segmentation ends.
     with tempfile.TemporaryDirectory(prefix="neuromap-") as tmp:
         cases = dicom_cases(inputs, series_map) if series_map else _cases_from_inputs(inputs, Path(tmp))
-        return [segment_case(case, output_dir, model, cfg, labels, overwrite, dicom_seg)
+        raw_options = (raw if isinstance(raw, RawOptions) else RawOptions(threads=cfg.threads)) if raw else None
+        return [segment_case(case, output_dir, model, cfg, labels, overwrite, dicom_seg, raw_options)
                 for case in tqdm(cases, desc="segmenting", disable=not progress or len(cases) < 2, unit="case")]
 
 

@@ -105,6 +105,7 @@ class StudyChoice:
     ignored: dict[str, str] = field(default_factory=dict)  # series UID -> reason
     warnings: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # DICOM files that are not images, one note each
+    reference_modality: str | None = None  # set by raw preparation: the sequence its labels are drawn on
 
     def listing(self) -> str:
         """Every series, one line each: number, description, size, UID, and what became of it."""
@@ -116,7 +117,10 @@ class StudyChoice:
         return "\n".join(lines)
 
     def reference(self, modalities: list[str]) -> Series:
-        """The series whose grid the outputs use: T1ce, else FLAIR, else the first modality."""
+        """The series whose grid the outputs use: ``reference_modality`` when set (raw preparation with
+        ``--reference``), else T1ce, else FLAIR, else the first modality."""
+        if self.reference_modality in modalities:
+            return self.used[self.reference_modality]
         return self.used[next((m for m in ("t1ce", "flair") if m in modalities), modalities[0])]
 
     def report(self) -> dict:

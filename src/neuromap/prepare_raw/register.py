@@ -43,10 +43,12 @@ class Registration:
     seconds: float
 
     def parameters(self) -> dict:
-        """Rotation in degrees about x/y/z (LPS) and translation in mm: how far the sequence had moved."""
+        """Rotation in degrees about x/y/z (LPS scanner axes, about ``centre_mm``) and translation in mm: the
+        transform from reference points to the sequence's points, i.e. how far the sequence had moved."""
         values = np.array(self.transform.GetParameters())
         return {"rotation_deg": [round(float(v), 3) for v in np.degrees(values[:3])],
-                "translation_mm": [round(float(v), 3) for v in values[3:]]}
+                "translation_mm": [round(float(v), 3) for v in values[3:]],
+                "centre_mm": [round(float(v), 3) for v in self.transform.GetCenter()]}
 
 
 def _method(threads: int | None):
@@ -124,7 +126,9 @@ def nmi(a: np.ndarray, b: np.ndarray, mask: np.ndarray, bins: int = HISTOGRAM_BI
     """Normalised mutual information (H(A) + H(B)) / H(A, B) of two aligned images inside ``mask``: 1 when
     independent, 2 when one determines the other. Intensities are clipped to their 0.5-99.5th percentiles in
     the mask first, so a few bright voxels do not squeeze the histogram."""
-    x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
+    every = (slice(None, None, 2),) * 3  # one voxel in 8 (a regular lattice): the same number, 8x less work
+    mask = mask[every]
+    x, y = a[every][mask].astype(np.float64), b[every][mask].astype(np.float64)
     if x.size < 100:
         return float("nan")
     x = np.clip(x, *np.percentile(x, [0.5, 99.5]))
