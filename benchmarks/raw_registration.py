@@ -1,10 +1,11 @@
-"""How far normalised mutual information (NMI) in the brain falls when a registration is off: the measurement
-behind `neuromap.prepare_raw.register.POOR_NMI`.
+"""How normalised mutual information (NMI) in the brain and its sharpness change when a registration is off: the
+measurement behind `neuromap.prepare_raw.register.POOR_SHARPNESS`.
 
 Input: output folders of ``neuromap segment CASE --raw --save-prepared`` (the co-registered sequences on the
 1 mm working grid, zero outside the brain). For each registered sequence, the script moves it away from the
 found alignment by known rigid offsets (translations along x/y/z, rotations about x/y/z, about the brain centre)
-and prints NMI against the reference inside the brain for each. Results: `docs/experiments/raw_registration.md`.
+and prints NMI against the reference inside the brain and the sharpness (`register.sharpness`) for each.
+Results: `docs/experiments/raw_registration.md`.
 
     python benchmarks/raw_registration.py OUT_DIR [OUT_DIR ...] [--json results.json]
 """
@@ -19,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from neuromap.prepare_raw.grid import to_array, to_sitk
-from neuromap.prepare_raw.register import nmi
+from neuromap.prepare_raw.register import sharpness
 
 OFFSETS = [("aligned", (0, 0, 0), (0, 0, 0))] + [
     (f"{d} mm along {a}", tuple(d if i == k else 0 for i in range(3)), (0, 0, 0))
@@ -50,7 +51,7 @@ def perturbations(folder: Path) -> dict[str, dict[str, float]]:
             t.SetRotation(*[float(np.radians(d)) for d in degrees])
             t.SetTranslation([float(s) for s in shift])
             moved = to_array(sitk.Resample(moving, moving, t, sitk.sitkLinear, 0.0))
-            out[m][name] = round(nmi(ref, moved, mask), 4)
+            out[m][name] = sharpness(ref, moved, mask)
     return out
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     results = {folder.name: perturbations(folder) for folder in args.folders}
     for case, sequences in results.items():
         for m, values in sequences.items():
-            print(f"{case} {m}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+            print(f"{case} {m}: " + ", ".join(f"{k} {v['nmi_in_brain']:.3f}/{v['sharpness']:.2f}"
+                                              for k, v in values.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

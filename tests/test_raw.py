@@ -64,7 +64,7 @@ def misaligned(tmp_path_factory) -> dict:
         if m in MOTION:  # the patient moved: the scan samples the head at T(x)
             image = sitk.Resample(image, image, _euler(*MOTION[m], centre), sitk.sitkLinear, 0.0)
         thick = _thick(image)
-        nib.save(nifti_on(thick, to_array(thick)), folder / f"Moved_{m}.nii.gz")
+        nib.save(nifti_on(thick, np.round(to_array(thick)), np.int16), folder / f"Moved_{m}.nii.gz")  # as scanned
     seg = sitk.Resample(to_sitk(truth, images["seg"].affine), reference, sitk.Transform(),
                         sitk.sitkNearestNeighbor, 0.0)
     return {"folder": folder, "truth_ref": to_array(seg).astype(np.uint8), "truth_1mm": truth, "centre": centre,
@@ -102,7 +102,7 @@ def test_working_grid_spans_the_reference_box():
 
 @needs_real_data
 def test_different_grids_without_raw_suggest_raw(misaligned, capsys):
-    with pytest.raises(NeuroMapError, match="different voxel grids.*--raw"):
+    with pytest.raises(NeuroMapError, match="(?s)different voxel grids.*--raw"):
         load_case(discover_cases(misaligned["folder"])[0])
     assert main(["validate", str(misaligned["folder"])]) == 2
     assert "--raw" in capsys.readouterr().err
@@ -111,26 +111,33 @@ def test_different_grids_without_raw_suggest_raw(misaligned, capsys):
     assert "only apply to raw scans" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def raw_run(misaligned, tmp_path_factory):
+    """The misaligned case segmented with --raw (skull-stripped inputs: no deepbet), files saved."""
+    out = tmp_path_factory.mktemp("raw_out")
+    options = RawOptions(skull_stripped=True, save_prepared=True, save_brain_mask=True)
+    return segment(misaligned["folder"], out, raw=options)[0]
+
+
 @needs_real_data
 @pytest.mark.slow
-def test_misaligned_thick_slices_land_on_the_ground_truth(misaligned, tmp_path):
+def test_misaligned_thick_slices_land_on_the_ground_truth(misaligned, raw_run, tmp_path):
     """Registration undoes the known motion, and the labels on the T1ce grid score within 0.05 whole-tumour
     Dice of the prepared (co-registered 1 mm) input mapped to the same grid."""
-    prepared = segment(CASE, tmp_path / "prepared")[0]
-    raw = segment(misaligned["folder"], tmp_path / "raw", raw=RawOptions(skull_stripped=True, save_prepared=True,
-                                                                          save_brain_mask=True))[0]
-    reference_file = nib.load(misaligned["folder"] / "Moved_t1ce.nii.gz")
-    labels = nib.load(raw.files["seg.nii.gz"])
-    assert labels.shape == reference_file.shape and np.allclose(labels.affine, reference_file.affine)
     import SimpleITK as sitk
 
+    prepared = segment(CASE, tmp_path / "prepared")[0]
+    reference_file = nib.load(misaligned["folder"] / "Moved_t1ce.nii.gz")
+    labels = nib.load(raw_run.files["seg.nii.gz"])
+    assert labels.shape == reference_file.shape and np.array_equal(labels.affine, reference_file.affine)
     on_ref = sitk.Resample(to_sitk(np.asarray(prepared.labels.dataobj), prepared.labels.affine),
                            misaligned["reference"], sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
     dice_prepared = _wt_dice(to_array(on_ref), misaligned["truth_ref"])
     dice_raw = _wt_dice(np.asarray(labels.dataobj), misaligned["truth_ref"])
-    print(f"WT Dice on the T1ce grid: prepared input {dice_prepared:.3f}, raw {dice_raw:.3f}")
+    dice_1mm = _wt_dice(np.asarray(prepared.labels.dataobj), misaligned["truth_1mm"])
+    print(f"WT Dice: prepared input {dice_1mm:.3f} (1 mm), {dice_prepared:.3f} on the T1ce grid; raw {dice_raw:.3f}")
     assert dice_raw >= dice_prepared - 0.05
-    report = raw.report["raw_preparation"]
+    report = raw_run.report["raw_preparation"]
     # The found transform undoes the motion: T(T'(x)) = x within 2 mm (slices are 5 mm) around the brain centre.
     offsets = np.stack(np.meshgrid(*[[-50.0, 0.0, 50.0]] * 3), -1).reshape(-1, 3)
     for m, motion in MOTION.items():
@@ -144,5 +151,58 @@ def test_misaligned_thick_slices_land_on_the_ground_truth(misaligned, tmp_path):
         assert max(errors) < 2.0, (m, errors)
         assert entry["nmi_in_brain"] > 1.10, (m, entry)
     assert set(report["timings_s"]) >= {"read_s", "register_s", "resample_s", "brain_mask_s", "quality_s"}
-    assert raw.files["t2_prepared.nii.gz"].is_file() and raw.files["brain_mask.nii.gz"].is_file()
-    assert not raw.report["warnings"] or all("registration" not in w for w in raw.report["warnings"])
+    assert not [w for w in raw_run.report["warnings"] if "registration" in w]
+    brain = nib.load(raw_run.files["brain_mask.nii.gz"])
+    assert brain.shape == reference_file.shape and np.array_equal(brain.affine, reference_file.affine)
+    flair = nib.load(raw_run.files["flair_prepared.nii.gz"])
+    assert np.allclose(flair.header.get_zooms(), 1.0) and "research use only" in str(flair.header["descrip"])
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_dicom_study_on_different_grids_with_raw(misaligned, raw_run, tmp_path):
+    """The same raw scans as a DICOM study: --raw segments it, the labels match the NIfTI run's, and the
+    DICOM SEG lies on the T1ce series."""
+    from neuromap.io.dicom import dicom_cases
+    from neuromap.io.dicom_export import write_study
+    from neuromap.io.dicom_seg import read_dicom_seg
+
+    images = {m: nib.load(misaligned["folder"] / f"Moved_{m}.nii.gz") for m in MODALITIES}
+    write_study(images, tmp_path / "study")
+    assert main(["segment", str(tmp_path / "study"), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["segment", str(tmp_path / "study"), "-o", str(tmp_path / "out"), "--quiet", "--raw",
+                 "--skull-stripped", "--dicom-seg"]) == 0
+    labels = nib.load(tmp_path / "out" / "study_seg.nii.gz")
+    expected = nib.load(raw_run.files["seg.nii.gz"])
+    assert labels.shape == expected.shape and np.allclose(labels.affine, expected.affine, atol=1e-3)
+    assert _wt_dice(np.asarray(labels.dataobj), np.asarray(expected.dataobj)) >= 0.99
+    (case,) = dicom_cases(tmp_path / "study")
+    seg = read_dicom_seg(tmp_path / "out" / "study_seg.dcm", case.extra["dicom"].used["t1ce"])
+    assert _wt_dice(seg, to_internal(np.asarray(labels.dataobj), "brats")) == 1.0
+
+
+@needs_real_data
+@pytest.mark.slow
+@pytest.mark.skipif(not RAW.is_dir(), reason=f"raw study {RAW} is absent (fresh clone outside the team setup)")
+def test_raw_tcga_study_end_to_end(tmp_path):
+    """The real raw clinical study: skull on, three grids, 5.5 mm slices. deepbet's brain mask is an adult brain's
+    size and covers the tumour; one tumour of a few tens of mL is found, on the T1ce's own grid."""
+    assert main(["segment", str(RAW), "-o", str(tmp_path), "--raw", "--save-brain-mask", "--quiet"]) == 0
+    (t1ce,) = RAW.glob("*_t1c.nii.gz")
+    reference = nib.load(t1ce)
+    labels = nib.load(tmp_path / f"{RAW.name}_seg.nii.gz")
+    assert labels.shape == reference.shape and np.array_equal(labels.affine, reference.affine)
+    import json
+
+    report = json.loads((tmp_path / f"{RAW.name}_report.json").read_text())
+    raw = report["raw_preparation"]
+    print(json.dumps({k: raw[k] for k in ("registration", "brain_mask", "timings_s", "cpu_s")}, indent=1))
+    print("volumes", report["volumes_ml"], "working grid", raw["working_grid"]["volumes_ml"], report["warnings"])
+    assert raw["reference"] == "t1ce" and raw["brain_mask"]["method"] == "deepbet on t1"
+    assert 1000 <= raw["brain_mask"]["volume_ml"] <= 1700
+    assert 10 <= report["volumes_ml"]["WT"] <= 150
+    assert all(entry["nmi_in_brain"] > 1.10 for entry in raw["registration"].values())
+    brain = np.asarray(nib.load(tmp_path / f"{RAW.name}_brain_mask.nii.gz").dataobj) > 0
+    tumour = np.asarray(labels.dataobj) > 0
+    assert (brain & tumour).sum() >= 0.95 * tumour.sum()
+    assert (tmp_path / f"{RAW.name}_overlay.png").stat().st_size > 10_000
