@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from neuromap.errors import NeuroMapError
 from neuromap.io.atomic import atomic_path
 from neuromap.io.cases import Case
 from neuromap.io.nifti import Volume, label_image
@@ -37,6 +38,10 @@ class RawOutputs:
     # --- the hooks the segmentation path calls -------------------------------------------------------------
     def prepare(self, case: Case, modalities: list[str]) -> Volume:
         """Register, resample, extract the brain: the working-grid volume the normal pipeline segments."""
+        if case.layout == "lgg":
+            raise NeuroMapError(
+                f"case '{case.case_id}' ({case.root}): --raw prepares 3D scans (NIfTI files or DICOM series); this is "
+                "a folder of 2D slice images with no geometry to register. Fix: leave out --raw.")
         if case.layout == "dicom":  # the DICOM SEG must reference the series the labels are drawn on
             case.extra["dicom"].reference_modality = choose_reference(modalities, self.options.reference)
         self.prep = prepare_raw(case, modalities, self.options)
