@@ -60,11 +60,12 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = {folder.name: perturbations(folder) for folder in args.folders}
-    for case, sequences in results.items():
-        for m, values in sequences.items():
-            print(f"{case} {m}: " + ", ".join(f"{k} {v['nmi_in_brain']:.3f}/{v['sharpness']:.2f}"
-                                              for k, v in values.items()))
+    results = {}
+    for folder in args.folders:
+        results[folder.name] = perturbations(folder)
+        for m, values in results[folder.name].items():
+            print(f"{folder.name} {m} (NMI/sharpness): " + ", ".join(
+                f"{k} {v['nmi_in_brain']:.3f}/{v['sharpness']:.2f}" for k, v in values.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
