@@ -18,7 +18,7 @@ from neuromap.labels import to_internal
 from neuromap.prepare_raw import RawOptions
 from neuromap.prepare_raw.grid import nifti_on, to_array, to_sitk, working_grid
 from neuromap.prepare_raw.inputs import choose_reference
-from neuromap.prepare_raw.register import nmi, sharpness
+from neuromap.prepare_raw.register import POOR_SHARPNESS, nmi, sharpness
 from neuromap.segmentation import segment
 
 CASE = BRATS / "Brats18_CBICA_AOZ_1"  # a test case of the shipped models: never seen in training or selection
@@ -167,7 +167,7 @@ def test_misaligned_thick_slices_land_on_the_ground_truth(misaligned, raw_run, t
                   for p in points]
         print(m, entry, f"max error {max(errors):.2f} mm")
         assert max(errors) < 2.0, (m, errors)
-        assert entry["sharpness"] >= 0.25, (m, entry)
+        assert entry["sharpness"] >= POOR_SHARPNESS, (m, entry)
     assert set(report["timings_s"]) >= {"read_s", "register_s", "resample_s", "brain_mask_s", "quality_s"}
     assert not [w for w in raw_run.report["warnings"] if "registration" in w]
     brain = nib.load(raw_run.files["brain_mask.nii.gz"])
@@ -219,7 +219,7 @@ def test_raw_tcga_study_end_to_end(tmp_path):
     assert raw["reference"] == "t1ce" and raw["brain_mask"]["method"] == "deepbet on t1"
     assert 1000 <= raw["brain_mask"]["volume_ml"] <= 1700
     assert 10 <= report["volumes_ml"]["WT"] <= 150
-    assert all(entry["sharpness"] >= 0.25 for entry in raw["registration"].values())
+    assert all(entry["sharpness"] >= POOR_SHARPNESS for entry in raw["registration"].values())
     brain = np.asarray(nib.load(tmp_path / f"{RAW.name}_brain_mask.nii.gz").dataobj) > 0
     tumour = np.asarray(labels.dataobj) > 0
     assert (brain & tumour).sum() >= 0.95 * tumour.sum()

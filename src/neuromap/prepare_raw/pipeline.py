@@ -142,7 +142,7 @@ def prepare_raw(case: Case, modalities: list[str], options: RawOptions | None = 
                 prep.warnings.append(
                     f"registration of {m} to {prep.reference} looks poor (moving it 5 mm loses only "
                     f"{quality['sharpness']:.0%} of the information it shares with {prep.reference} in the brain; "
-                    f"aligned sequences lose 40-60 %, the warning starts below {POOR_SHARPNESS:.0%}): check the "
+                    f"aligned sequences lose 45-60 %, the warning starts below {POOR_SHARPNESS:.0%}): check the "
                     "co-registered sequences (--save-prepared) before trusting the labels.")
     if options.n4:
         from neuromap.preprocess import n4_correct

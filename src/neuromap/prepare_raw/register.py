@@ -26,9 +26,10 @@ import numpy as np
 SEED = 20250  # metric sampling; fixed so the same inputs give the same transform
 HISTOGRAM_BINS = 32
 SAMPLING = 0.05  # fraction of reference voxels sampled per evaluation
-# Registration quality (`sharpness`) below this: warn that the registration looks poor. Chosen between aligned
-# sequences (0.40-0.59) and sequences moved 5 mm / 5 degrees off (docs/experiments/raw_registration.md).
-POOR_SHARPNESS = 0.25
+# Registration quality (`sharpness`) below this: warn that the registration looks poor. Measured: aligned
+# sequences 0.47-0.61, 2 mm / 2 degrees off 0.31-0.54, 5 mm off <= 0.23, 5 degrees off 0.23-0.38, 10 degrees off
+# <= 0.24 (docs/experiments/raw_registration.md).
+POOR_SHARPNESS = 0.30
 SHIFT_VOXELS = 5  # 5 mm on the 1 mm working grid
 REGISTRATION_MM = 2.0  # voxels finer than this are averaged before registering (see `coarsen`)
 
@@ -151,7 +152,7 @@ def sharpness(a: np.ndarray, b: np.ndarray, mask: np.ndarray, shift: int = SHIFT
 
     NMI alone depends on the contrast pair and the scan (aligned sequences measured 1.04 on the raw TCGA study and
     1.22 on a skull-stripped BraTS T1, where 10 mm off still gave 1.05), so no single NMI value tells good from
-    poor. At a true alignment every 5 mm move loses about half the shared information (0.40-0.59 measured); a
+    poor. At a true alignment every 5 mm move loses about half the shared information (0.47-0.61 measured); a
     sequence 5 mm or 5 degrees off, or at a false optimum, loses little or even gains."""
     value = nmi(a, b, mask)
     shifted = []
