@@ -88,8 +88,9 @@ class RawOutputs:
         inv, volume = prediction.inverse, self.prep.volume
         shown = "flair" if "flair" in volume.modalities else volume.modalities[0]
         image = volume.image[volume.modalities.index(shown)]
-        png = overlay_png(inv.ras(image), inv.ras(self.prep.working_labels), inv.ras_spacing,
-                          f"{title} - raw scans co-registered to {self.prep.reference}, 1 mm",
+        title = (f"{prediction.case.case_id} ({shown}) - {prediction.spec.model.name} - raw scans co-registered to "
+                 f"{self.prep.reference}, 1 mm")  # the caller's title names the reference grid's sequence
+        png = overlay_png(inv.ras(image), inv.ras(self.prep.working_labels), inv.ras_spacing, title,
                           legend=LEGENDS[prediction.spec.task])
         return png, []
 
