@@ -10,6 +10,7 @@ layout, staged under temporary names and renamed together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
 from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
+from neuromap.prepare_raw import RawOptions, as_raw
 from neuromap.preprocess import prepare
 from neuromap.report import case_report
 from neuromap.tasks import task_of
@@ -65,19 +67,23 @@ class Segmenter:
     ``model``: a shipped name, a checkpoint path, several (an ensemble), or None for the best shipped model of
     each case's task and sequences (`neuromap.zoo.default_model`). ``labels``: the output label convention for
     BraTS models (binary models always write "binary", see `neuromap.tasks`). ``dicom_seg``: DICOM cases also get
-    ``<case>_seg.dcm``, a DICOM SEG on the reference series. The engine that runs the network
+    ``<case>_seg.dcm``, a DICOM SEG on the reference series. ``raw`` (True or `RawOptions`): every case is read
+    as raw scans (`neuromap.prepare_raw.RawLayout`: co-registered, brain-extracted, 1 mm; labels on the
+    reference sequence's grid); its threads default to ``cfg.threads``. The engine that runs the network
     (``cfg.engine``, `neuromap.engines`) is resolved here, so a missing package fails before any case, and each
     model is loaded and wrapped in it once. Named models are loaded here, so a bad path fails before any case;
     automatic choices are loaded on first use.
     """
 
     def __init__(self, model: ModelChoice = None, cfg: InferenceConfig | None = None, labels: str = "brats",
-                 dicom_seg: bool = False) -> None:
+                 dicom_seg: bool = False, raw: bool | RawOptions | None = None) -> None:
         if labels not in WRITABLE:
             raise NeuroMapError(f"labels cannot be written as '{labels}'; choose one of {list(WRITABLE)}.")
         self.cfg = cfg or InferenceConfig()
         self.labels = labels
         self.optional = (DICOM_SEG,) if dicom_seg else ()
+        raw = RawOptions() if raw is True else raw or None
+        self.raw = dataclasses.replace(raw, threads=raw.threads or self.cfg.threads) if raw else None
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.device = self._device(self.cfg.device)
@@ -130,13 +136,16 @@ class Segmenter:
     def segment_case(self, case: Case, output_dir: str | Path | None = None, overwrite: bool = False) -> SegmentResult:
         """Segment one case. With ``output_dir``, write its layout's outputs (label output, ``<case>_report.json``,
         ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together."""
-        cfg, layout = self.cfg, case.layout
+        cfg = self.cfg
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         model_files = self.model_files(case)
         models = self._models(model_files)
         spec = models[0][1]
         task = task_of(spec)
+        if self.raw is not None:
+            case = as_raw(case, self.raw, spec.modalities)
+        layout = case.layout
         if set(self.optional) - set(layout.optional_outputs):
             raise NeuroMapError(
                 f"case '{case.case_id}' ({case.root}): --dicom-seg needs a DICOM input (a DICOM SEG must reference "
@@ -158,17 +167,19 @@ class Segmenter:
         inverse = prepared.inverse
         internal, notes = postprocess(labels_in_input_grid(probs, inverse, task),
                                       volume.voxel_ml if volume.spacing_known else None, cfg, task.postprocess_steps())
+        output_volume, internal = layout.output_grid(volume, internal)
         convention = task.output_convention(self.labels)
-        prediction = Prediction(case, volume, spec, internal, output_image(internal, volume.reference, convention),
-                                task, inverse.ras, inverse.ras_spacing)
+        prediction = Prediction(case, output_volume, spec, internal,
+                                output_image(internal, output_volume.reference, convention), task, inverse.ras,
+                                inverse.ras_spacing)
         warnings = [*notes, *volume.warnings]
         if spec.preprocess.mode == "2d" and spec.preprocess.slice_range is not None:
             warnings.append(f"2D model: only axial slices {spec.preprocess.slice_range} were segmented.")
         if not internal.any():
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
-        report = case_report(volume, spec, task, model_files, cfg, convention, internal, warnings, str(self.device),
-                             engine_name(models[0][0]), layout.report_extra(prediction))
+        report = case_report(output_volume, spec, task, model_files, cfg, convention, internal, warnings,
+                             str(self.device), engine_name(models[0][0]), layout.report_extra(prediction))
         result = SegmentResult(case.case_id, prediction.labels, report)
         if files:
             t1 = time.perf_counter()
@@ -209,18 +220,20 @@ def _guard_outputs(case: Case, targets: list[Path], overwrite: bool) -> None:
 def segment(
     inputs: Inputs, output_dir: str | Path | None = None, model: ModelChoice = None, labels: str = "brats",
     overwrite: bool = False, progress: bool = False, cfg: InferenceConfig | None = None,
-    mapping: Mapping[str, str | Path] | None = None, dicom_seg: bool = False, **options,
+    mapping: Mapping[str, str | Path] | None = None, dicom_seg: bool = False, raw: bool | RawOptions = False,
+    **options,
 ) -> list[SegmentResult]:
     """Segment one or many cases (the Python face of ``neuromap segment``).
 
     ``inputs``: a case folder, a parent folder of cases, a list of those, or a mapping
     ``{"t1ce": path_or_nibabel_image, "flair": ...}`` for one case; ``mapping`` is the same with one case folder
     (``--map``), or for a DICOM study its series by modality (`neuromap.io.inputs`). ``dicom_seg`` adds a DICOM
-    SEG output to DICOM cases. Inference options
+    SEG output to DICOM cases. ``raw=True`` (or `RawOptions`: reference, skull_stripped, n4, save_brain_mask,
+    save_prepared) prepares raw scans first: sequences on their own grids, skull on, thick slices. Inference options
     come as an InferenceConfig (``cfg``) or as its fields (``tta=True, device="cpu"``), not both. Returns one
     result per case with the label image (input grid, ``labels`` convention) and the report dict; files are
     written when ``output_dir`` is set.
     """
-    segmenter = Segmenter(model, inference_config(cfg, options), labels, dicom_seg)
+    segmenter = Segmenter(model, inference_config(cfg, options), labels, dicom_seg, raw)
     with cases_from_inputs(inputs, mapping) as cases:
         return segmenter.segment(cases, output_dir, overwrite, progress)
