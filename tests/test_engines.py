@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BRATS, needs_real_data
+from conftest import cropped_real_case, needs_real_data
 
 from neuromap import engines
 from neuromap.checkpoint import ModelSpec, load_model, save_checkpoint
@@ -105,25 +104,12 @@ def test_engine_is_exported_once_and_reported(tiny_checkpoint, synthetic_case, t
     assert eager.report["engine"] == "torch"
 
 
-def _cropped_case(tmp_path, name: str = "Brats18_2013_23_1", slices: int = 24):
-    """A real case cut to ``slices`` axial slices through the tumour: quick, still real anatomy and contrast."""
-    folder = BRATS / name
-    seg = nib.load(next(folder.glob("*_seg.nii.gz")))
-    z = np.flatnonzero(np.asarray(seg.dataobj).any(axis=(0, 1)))
-    mid = int(z[len(z) // 2])
-    out = tmp_path / name
-    out.mkdir()
-    for path in folder.glob("*.nii.gz"):
-        nib.save(nib.load(path).slicer[:, :, mid - slices // 2: mid + slices // 2], str(out / path.name))
-    return out
-
-
 @needs_real_data
 @pytest.mark.skipif(CHOSEN is None, reason="the chosen engine is not installed")
 def test_chosen_engine_labels_match_pytorch_on_a_real_case(tmp_path):
     """The shipped default model (picked for a four-sequence case) through the whole segment path: labels in the
     input grid agree per region."""
-    case = _cropped_case(tmp_path)
+    case = cropped_real_case(tmp_path)
     labels = {}
     for engine in ("torch", CHOSEN):
         cfg = InferenceConfig(engine=engine, threads=1)
@@ -145,7 +131,7 @@ def test_chosen_engine_runs_native_size_25d_models_like_pytorch(tmp_path, native
     from neuromap.preprocess import prepare
 
     model, spec = load_model(native25d_checkpoint)
-    image = prepare(load_case(discover_cases(_cropped_case(tmp_path, slices=12))[0], spec.modalities),
+    image = prepare(load_case(discover_cases(cropped_real_case(tmp_path, slices=12))[0], spec.modalities),
                     spec.preprocess).image
     assert image.shape[1] % 16 or image.shape[2] % 16  # the crop needs padding: that path is exercised
     engine = engines.wrap_model(model, spec, CHOSEN, native25d_checkpoint)

@@ -162,20 +162,25 @@ def _volumes_text(report: dict) -> str:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from neuromap.config import InferenceConfig
+    from tqdm import tqdm
+
+    from neuromap.config import InferenceConfig, parse_config
     from neuromap.io import cases_from_inputs
     from neuromap.segmenter import Segmenter
 
-    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads, engine=args.engine)
+    options = {"tta": args.tta, "device": args.device, "threads": args.threads, "workers": args.workers,
+               "engine": args.engine}
+    cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
+                       source="neuromap segment options")
     raw = _raw_options(args)
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
         segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg, raw=raw)
-        results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
-    for r in results:
-        print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
-              f"-> {r.labels_output}")
-        for w in r.report["warnings"]:
-            print(f"  warning: {w}")
+        # Printed as each case is written (above the progress bar); results are not kept, so a cohort of any
+        # size holds one case's labels at a time.
+        for r in segmenter.iter_segment(cases, args.output_dir, args.overwrite, progress=not args.quiet):
+            lines = [f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
+                     f"-> {r.labels_output}", *(f"  warning: {w}" for w in r.report["warnings"])]
+            tqdm.write("\n".join(lines))
     print("Research use only.")
     return 0
 
@@ -358,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
     p.add_argument("--threads", type=int)
+    p.add_argument("--workers", type=int, metavar="N", help="batches: cases read ahead in background threads "
+                   "while the model runs (default 1, 0 = none; each holds one case in memory)")
     p.add_argument("--engine", choices=["auto", "torch", "torch-compile", "onnxruntime", "openvino"], default="auto",
                    help="what runs the network; auto = fastest installed CPU engine, else PyTorch (default)")
     p.add_argument("--overwrite", action="store_true")

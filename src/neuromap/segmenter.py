@@ -2,9 +2,12 @@
 then cases one by one or in a batch. The CLI, ``neuromap.segment()``, the web app and the benchmarks all build
 it the same way, so no option is decided in two places.
 
-One path per case: load (validated, by the case's layout) -> prepare -> model(s) -> probabilities -> labels in
-the input grid (`neuromap.export`) -> postprocess (`neuromap.postprocess`) -> report -> outputs written by the
-layout, staged under temporary names and renamed together.
+One path per case, in two stages: reading (model choice, output checks, load validated by the case's layout,
+prepare) and the rest (model(s) -> probabilities -> labels in the input grid (`neuromap.export`) -> postprocess
+(`neuromap.postprocess`) -> the layout's output grid -> report -> outputs written by the layout, staged under
+temporary names and renamed together). In a batch, background threads read the next cases while the current one
+is in the model (``cfg.workers``; like nnU-Net's preprocessing iterator), so decompressing, validating and
+preparing a case costs no wall time once the model stage is the longer one.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +32,14 @@ from neuromap.engines import engine_name, resolve_engine, wrap_model
 from neuromap.errors import NeuroMapError
 from neuromap.export import labels_in_input_grid, output_image
 from neuromap.inference import predict_probs
-from neuromap.io import Case, atomic_path, cases_from_inputs, duplicate_ids
+from neuromap.io import Case, Volume, atomic_path, cases_from_inputs, duplicate_ids
 from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
 from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
 from neuromap.prepare_raw import RawOptions, as_raw
-from neuromap.preprocess import prepare
+from neuromap.preprocess import Prepared, prepare
 from neuromap.report import case_report
 from neuromap.tasks import task_of
 from neuromap.zoo import resolve_model_paths, shipped_models
@@ -49,6 +55,20 @@ class SegmentResult:
     report: dict
     files: dict[str, Path] = field(default_factory=dict)  # label output, "report.json", "overlay.png"
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
+
+
+@dataclass
+class _Read:
+    """A case read and prepared for its model(s): what a reader hands to the model stage."""
+
+    case: Case  # as segmented (a raw case wears its RawLayout)
+    model_files: list[Path]
+    models: list[tuple[Runner, ModelSpec]]
+    files: dict[str, Path]  # its outputs; empty without an output folder
+    volume: Volume
+    prepared: Prepared
+    timings: dict[str, float]
+    started: float  # perf_counter() when reading began
 
 
 def inference_config(cfg: InferenceConfig | None, options: Mapping[str, object]) -> InferenceConfig:
@@ -90,6 +110,7 @@ class Segmenter:
         self.engine = resolve_engine(self.cfg.engine, self.device)
         # by file and mtime: the model as the engine runs it (the module itself for PyTorch), and its spec
         self._loaded: dict[tuple[Path, float], tuple[Runner, ModelSpec]] = {}
+        self._loading = threading.Lock()  # reader threads ask for models too: each is loaded once
         self._named = resolve_model_paths(model, []) if model is not None else None
         if self._named is not None:
             self._models(self._named)
@@ -101,6 +122,10 @@ class Segmenter:
         return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
     def _models(self, paths: list[Path]) -> list[tuple[Runner, ModelSpec]]:
+        with self._loading:
+            return self._load_models(paths)
+
+    def _load_models(self, paths: list[Path]) -> list[tuple[Runner, ModelSpec]]:
         keys = []
         for path in paths:
             if not path.is_file():
@@ -124,25 +149,63 @@ class Segmenter:
 
     def segment(self, cases: list[Case], output_dir: str | Path | None = None, overwrite: bool = False,
                 progress: bool = False) -> list[SegmentResult]:
-        """Segment a batch; case ids must be unique (their outputs would collide)."""
+        """Segment a batch (see `iter_segment`) and return every result."""
+        return list(self.iter_segment(cases, output_dir, overwrite, progress))
+
+    def iter_segment(self, cases: list[Case], output_dir: str | Path | None = None, overwrite: bool = False,
+                     progress: bool = False) -> Iterator[SegmentResult]:
+        """Segment a batch in order, yielding each result when its outputs are written (a caller that does not
+        keep them holds one case's labels at a time). Case ids must be unique (their outputs would collide).
+        ``progress`` shows a bar over cases with the rate and the time left."""
         from tqdm import tqdm
 
         dupes = duplicate_ids(cases)
         if dupes:
             raise NeuroMapError(f"several inputs have the same case id {dupes}; their outputs would collide.")
-        return [self.segment_case(case, output_dir, overwrite)
-                for case in tqdm(cases, desc="segmenting", disable=not progress or len(cases) < 2, unit="case")]
+        with tqdm(total=len(cases), desc="segmenting", unit="case", disable=not progress or len(cases) < 2) as bar:
+            for read in self._reads(cases, output_dir, overwrite):
+                bar.set_postfix_str(read.case.case_id, refresh=False)
+                yield self._finish(read, overwrite)
+                bar.update()
+
+    def _reads(self, cases: Iterable[Case], output_dir: str | Path | None, overwrite: bool) -> Iterator[_Read]:
+        """Each case read and prepared, in order. With ``cfg.workers`` N > 0, N reader threads keep the next N
+        cases read ahead while the caller runs the model on the current one (so at most N + 1 cases are in
+        memory); a case's error is raised when its turn comes, so a batch fails at the same case as without."""
+        workers = self.cfg.workers
+        if not workers:
+            yield from (self._read(case, output_dir, overwrite) for case in cases)
+            return
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuromap-reader")
+        pending: deque[Future[_Read]] = deque()
+        upcoming = iter(cases)
+        try:
+            # Threads: loading is gzip/numpy/torch work that releases the GIL, and a thread shares the case with
+            # the model stage without pickling it (nnU-Net needs processes, its preprocessing is Python-heavy).
+            for case in upcoming:
+                pending.append(pool.submit(self._read, case, output_dir, overwrite))
+                if len(pending) == workers:
+                    break
+            while pending:
+                read = pending.popleft().result()
+                case = next(upcoming, None)
+                if case is not None:
+                    pending.append(pool.submit(self._read, case, output_dir, overwrite))
+                yield read
+        finally:  # an error or an abandoned batch: reads not started are dropped, running ones finish
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def segment_case(self, case: Case, output_dir: str | Path | None = None, overwrite: bool = False) -> SegmentResult:
         """Segment one case. With ``output_dir``, write its layout's outputs (label output, ``<case>_report.json``,
         ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together."""
-        cfg = self.cfg
-        timings: dict[str, float] = {}
+        return self._finish(self._read(case, output_dir, overwrite), overwrite)
+
+    def _read(self, case: Case, output_dir: str | Path | None, overwrite: bool) -> _Read:
+        """The reading stage: model choice, output checks, then load and prepare (see the module docstring)."""
         t0 = time.perf_counter()
         model_files = self.model_files(case)
         models = self._models(model_files)
         spec = models[0][1]
-        task = task_of(spec)
         if self.raw is not None:
             case = as_raw(case, self.raw, spec.modalities)
         layout = case.layout
@@ -156,15 +219,22 @@ class Segmenter:
             files = layout.output_files(case, Path(output_dir), self.optional)
             _guard_outputs(case, layout.planned_writes(case, Path(output_dir), self.optional), overwrite)
         volume = layout.load(case, spec.modalities, with_seg=False)
-        timings["load_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         prepared = prepare(volume, spec.preprocess)
-        timings["preprocess_s"] = time.perf_counter() - t1
+        timings = {"load_s": t1 - t0, "preprocess_s": time.perf_counter() - t1}
+        return _Read(case, model_files, models, files, volume, prepared, timings, t0)
+
+    def _finish(self, read: _Read, overwrite: bool) -> SegmentResult:
+        """The model stage and everything after it, for a case `_read` prepared."""
+        cfg, case, volume, files, timings = self.cfg, read.case, read.volume, read.files, read.timings
+        layout, models = case.layout, read.models
+        spec = models[0][1]
+        task = task_of(spec)
         t1 = time.perf_counter()
-        probs = predict_probs(models, prepared.image, cfg, device=self.device)
+        probs = predict_probs(models, read.prepared.image, cfg, device=self.device)
         timings["inference_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        inverse = prepared.inverse
+        inverse = read.prepared.inverse
         internal, notes = postprocess(labels_in_input_grid(probs, inverse, task),
                                       volume.voxel_ml if volume.spacing_known else None, cfg, task.postprocess_steps())
         output_volume, internal = layout.output_grid(volume, internal)
@@ -178,7 +248,7 @@ class Segmenter:
         if not internal.any():
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
-        report = case_report(output_volume, spec, task, model_files, cfg, convention, internal, warnings,
+        report = case_report(output_volume, spec, task, read.model_files, cfg, convention, internal, warnings,
                              str(self.device), engine_name(models[0][0]), layout.report_extra(prediction))
         result = SegmentResult(case.case_id, prediction.labels, report)
         if files:
@@ -190,7 +260,7 @@ class Segmenter:
             timings["overlay_s"] = time.perf_counter() - t1
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         if files:
-            report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
+            report["timings_s"]["total_s"] = round(time.perf_counter() - read.started, 3)
             with contextlib.ExitStack() as stack:
                 layout.stage_labels(prediction, files, stack, overwrite)
                 stack.enter_context(atomic_path(files["overlay.png"], overwrite)).write_bytes(png)
