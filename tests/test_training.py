@@ -168,13 +168,16 @@ def test_cpu_budget_stops_the_run_and_decays_the_poly_rate(tiny_config, tmp_path
     from neuromap.training.loop import train
 
     cfg = load_yaml(tiny_config, TrainConfig).model_copy(update={
-        "cpu_minutes": 1e-4, "lr_schedule": "poly", "epochs": 50, "output_dir": str(tmp_path / "budget")})
+        "cpu_minutes": 1e-4, "lr_schedule": "poly", "epochs": 50, "val_every": 50, "select": "last",
+        "output_dir": str(tmp_path / "budget")})
     result = train(cfg, progress=False)
     summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
     assert result.stopped == "CPU budget" and result.epochs_run < 50
     assert summary["cpu_seconds"] >= 60 * 1e-4
     rows = (tmp_path / "budget" / "log.csv").read_text().splitlines()
     assert float(rows[1].split(",")[-2]) == cfg.lr  # the first epoch trains at the full rate
+    best, last = _weights(tmp_path / "budget" / "best.pt"), _weights(tmp_path / "budget" / "last.pt")
+    assert all(torch.equal(best[k], last[k].to(best[k].dtype)) for k in best)  # select "last": the final weights
 
 
 def test_resume_after_kills_at_random_moments_matches_uninterrupted_run(tiny_config, tmp_path):

@@ -248,6 +248,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         if cfg.cpu_minutes and state["cpu_seconds"] >= cfg.cpu_minutes * 60:
             stopped = "CPU budget"
             break
+    if rank == 0 and cfg.select == "last" and state["best_epoch"] != state["epoch"]:
+        # A run ended by its CPU or time budget, before a validation epoch: its last weights are the model.
+        state.update(best_epoch=state["epoch"])
+        spec.info.update(best_epoch=state["epoch"], val_dice={})
+        with _saving(best_path):
+            save_checkpoint(best_path, spec, model.state_dict())
     if rank == 0:
         summary = {
             "name": cfg.name, "stopped": stopped, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
