@@ -212,6 +212,12 @@ class LggSliceLayout(Layout):
             )
         return warnings
 
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        raise NeuroMapError(
+            f"case '{case.case_id}' ({case.root}): --raw prepares 3D scans (NIfTI files or DICOM series); this is a "
+            "folder of 2D slice images with no geometry to register. Fix: leave out --raw."
+        )
+
     # ------------------------------------------------------------------------------------- outputs
 
     def mask_paths(self, case: Case, out_dir: Path) -> list[Path]:

@@ -172,29 +172,27 @@ class NiftiLayout(Layout):
         any) integral with known labels; brain mask (if any) of the same shape and not empty."""
         modalities = list(modalities or case.modalities)
         problems: list[str] = []
-        missing = [m for m in modalities if m not in case.images]
-        if missing:
-            raise NeuroMapError(
-                f"case '{case.case_id}' ({case.root}): missing modality {missing} (found: {case.modalities}). "
-                "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
-            )
+        self.require(case, modalities)
         refs = [case.images[m] for m in modalities]
         headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
         first_ref, first = refs[0], headers[0]
         shape0 = spatial_shape(first, first_ref)
+        off_grid = []
         for ref, img in zip(refs, headers, strict=True):
             shape = spatial_shape(img, ref)
             if len(shape) != 3:
                 problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
             elif shape != shape0:
-                problems.append(
-                    f"{ref}: shape {shape} differs from {first_ref.path.name} {shape0}. Fix: co-register / resample."
-                )
+                off_grid.append(f"{ref}: shape {shape} differs from {first_ref.path.name} {shape0}")
             elif not np.allclose(img.affine, first.affine, atol=AFFINE_TOLERANCE):
-                problems.append(
-                    f"{ref}: affine differs from {first_ref.path.name} (voxel grids not aligned). "
-                    "Fix: co-register the sequences to one grid."
-                )
+                off_grid.append(f"{ref}: affine differs from {first_ref.path.name} (voxel grids not aligned)")
+        if off_grid:
+            problems.append(
+                f"case '{case.case_id}' ({case.root}): the sequences are on different voxel grids (raw scans, not "
+                "co-registered):\n  " + "\n  ".join(off_grid) + "\nFix: run with --raw (co-registration, brain "
+                "extraction and resampling to 1 mm; Python: raw=True), or co-register the sequences to one grid "
+                "yourself."
+            )
         seg_img = None
         if case.seg is not None and with_seg is not False:
             seg_img = open_nifti(case.seg, "segmentation")
@@ -241,6 +239,13 @@ class NiftiLayout(Layout):
             return None
         return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
                       reference=first, seg=seg, brain_mask=brain_mask)
+
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        self.require(case, [modality])
+        ref = case.images[modality]
+        image = open_nifti(ref, f"{modality} image")
+        spatial_shape(image, ref)  # a 4D file is accepted only as one channel (MSD)
+        return read_nifti(image, ref), image
 
     # ------------------------------------------------------------------------------------- outputs
 
