@@ -4,6 +4,7 @@ labels as one case at a time, errors at the case that has them, and the workers 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -82,3 +83,66 @@ def test_workers_outside_the_range_is_a_user_error(tmp_path, tiny_checkpoint, sy
     code = main(["segment", str(synthetic_case), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
                  "--workers", workers])
     assert code == 2 and "workers" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _ids(folder, pattern: str) -> set[str]:
+    return {p.name.split("_")[0] for p in folder.glob(pattern)}
+
+
+def test_part_selection_is_nnunets():
+    """Sorted case ids, every N-th from K: the same on every task, each case in exactly one part."""
+    from neuromap.cohort import Part
+    from neuromap.io.case import Case
+
+    cases = [Case(case_id=i, root=None, images={}, layout=None, naming="plain") for i in ("c", "a", "e", "b", "d")]
+    parts = [[c.case_id for c in Part(2, k).select(cases)] for k in range(2)]
+    assert parts == [["a", "c", "e"], ["b", "d"]]
+    assert [c.case_id for c in Part(1, 0).select(cases)] == ["a", "b", "c", "d", "e"]
+    assert Part(7, 6).select(cases) == []  # more parts than cases: some are empty
+
+
+def test_parts_cover_a_cohort_once_and_write_summaries(tmp_path, tiny_checkpoint):
+    import json
+
+    cohort, out = _synthetic_folder(tmp_path / "cohort", 5), tmp_path / "out"
+    for k in range(2):
+        assert main(["segment", str(cohort), "-o", str(out), "--model", str(tiny_checkpoint), "--num-parts", "2",
+                     "--part-id", str(k), "--quiet"]) == 0
+        summary = json.loads((out / f"summary_part_{k}_of_2.json").read_text())
+        expected = [["S0", "S2", "S4"], ["S1", "S3"]][k]
+        assert summary["cases"] == summary["segmented"] == expected and summary["skipped_complete"] == []
+        assert summary["n_cases_in_input"] == 5 and summary["engine"]
+        assert set(summary["results"]) == set(expected)
+        assert all(Path(f).is_file() for r in summary["results"].values() for f in r["files"].values())
+    assert _ids(out, "*_seg.nii.gz") == {f"S{i}" for i in range(5)}
+
+
+def test_continue_skips_complete_cases_and_redoes_interrupted_ones(tmp_path, tiny_checkpoint, capsys):
+    import json
+
+    cohort, out = _synthetic_folder(tmp_path / "cohort", 3), tmp_path / "out"
+    command = ["segment", str(cohort), "-o", str(out), "--model", str(tiny_checkpoint), "--num-parts", "1",
+               "--part-id", "0", "--quiet"]
+    assert main(command) == 0
+    (out / "S1_overlay.png").unlink()  # as if the run had stopped while renaming S1's outputs
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("S[02]_*")}
+    assert main(command) == 2 and "output exists" in capsys.readouterr().err  # outputs are kept unless asked
+    assert main([*command, "--continue"]) == 0
+    printed = capsys.readouterr().out
+    assert "S0: outputs complete, skipped (--continue)" in printed and "S1: WT" in printed
+    assert (out / "S1_overlay.png").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("S[02]_*")} == kept  # complete cases untouched
+    summary = json.loads((out / "summary_part_0_of_1.json").read_text())
+    assert summary["segmented"] == ["S1"] and summary["skipped_complete"] == ["S0", "S2"]
+    assert summary["cases"] == ["S0", "S1", "S2"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--num-parts", "2", "--part-id", "2"], "outside 0..1"),
+    (["--part-id", "0"], "go together"),
+    (["--num-parts", "0", "--part-id", "0"], "at least 1 part"),
+])
+def test_part_options_are_checked(tmp_path, tiny_checkpoint, synthetic_case, options, message, capsys):
+    code = main(["segment", str(synthetic_case), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint),
+                 *options])
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "out").exists()

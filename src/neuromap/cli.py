@@ -164,6 +164,7 @@ def _volumes_text(report: dict) -> str:
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from neuromap.cohort import Part
     from neuromap.config import InferenceConfig, parse_config
     from neuromap.io import cases_from_inputs
     from neuromap.segmenter import Segmenter
@@ -173,14 +174,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
     cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
                        source="neuromap segment options")
     raw = _raw_options(args)
+    part = Part.of(args.num_parts, args.part_id)
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
         segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg, raw=raw)
         # Printed as each case is written (above the progress bar); results are not kept, so a cohort of any
         # size holds one case's labels at a time.
-        for r in segmenter.iter_segment(cases, args.output_dir, args.overwrite, progress=not args.quiet):
+        for r in segmenter.iter_segment(cases, args.output_dir, args.overwrite, not args.quiet, part, args.resume):
+            if r.skipped:
+                tqdm.write(f"{r.case_id}: outputs complete, skipped (--continue) -> {r.labels_output}")
+                continue
             lines = [f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
                      f"-> {r.labels_output}", *(f"  warning: {w}" for w in r.report["warnings"])]
             tqdm.write("\n".join(lines))
+    if part is not None:
+        print(f"part {part.part_id} of {part.num_parts}: summary {part.summary_file(Path(args.output_dir))}")
     print("Research use only.")
     return 0
 
@@ -367,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "while the model runs (default 1, 0 = none; each holds one case in memory)")
     p.add_argument("--engine", choices=["auto", "torch", "torch-compile", "onnxruntime", "openvino"], default="auto",
                    help="what runs the network; auto = fastest installed CPU engine, else PyTorch (default)")
+    cluster = p.add_argument_group("cohorts on a cluster (nnU-Net's convention; see the README's SLURM example)")
+    cluster.add_argument("--num-parts", type=int, metavar="N", help="split the cases into N parts (case ids sorted, "
+                         "every N-th) and segment only --part-id's; writes summary_part_K_of_N.json")
+    cluster.add_argument("--part-id", type=int, metavar="K", help="which part, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
+    cluster.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs are "
+                         "complete; redo the others (replacing partial outputs of an interrupted run)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)

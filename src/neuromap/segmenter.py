@@ -27,6 +27,7 @@ import nibabel as nib
 import torch
 
 from neuromap.checkpoint import ModelSpec, load_model
+from neuromap.cohort import Part, write_summary
 from neuromap.config import InferenceConfig, parse_config
 from neuromap.engines import engine_name, resolve_engine, wrap_model
 from neuromap.errors import NeuroMapError
@@ -51,10 +52,11 @@ Runner = Callable[[torch.Tensor], torch.Tensor]  # a torch module or an engine w
 @dataclass
 class SegmentResult:
     case_id: str
-    labels: nib.Nifti1Image  # in the input's grid, in the output label convention
+    labels: nib.Nifti1Image | None  # in the input's grid, in the output label convention; None when skipped
     report: dict
     files: dict[str, Path] = field(default_factory=dict)  # label output, "report.json", "overlay.png"
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
+    skipped: bool = False  # resume: its outputs were complete, so it was not segmented again (report read back)
 
 
 @dataclass
@@ -148,25 +150,71 @@ class Segmenter:
         return self._named or resolve_model_paths(None, case.modalities, case.layout.task)
 
     def segment(self, cases: list[Case], output_dir: str | Path | None = None, overwrite: bool = False,
-                progress: bool = False) -> list[SegmentResult]:
+                progress: bool = False, part: Part | None = None, resume: bool = False) -> list[SegmentResult]:
         """Segment a batch (see `iter_segment`) and return every result."""
-        return list(self.iter_segment(cases, output_dir, overwrite, progress))
+        return list(self.iter_segment(cases, output_dir, overwrite, progress, part, resume))
 
     def iter_segment(self, cases: list[Case], output_dir: str | Path | None = None, overwrite: bool = False,
-                     progress: bool = False) -> Iterator[SegmentResult]:
+                     progress: bool = False, part: Part | None = None,
+                     resume: bool = False) -> Iterator[SegmentResult]:
         """Segment a batch in order, yielding each result when its outputs are written (a caller that does not
         keep them holds one case's labels at a time). Case ids must be unique (their outputs would collide).
-        ``progress`` shows a bar over cases with the rate and the time left."""
+        ``progress`` shows a bar over cases with the rate and the time left.
+
+        ``part`` (`neuromap.cohort.Part`): only that deterministic share of the cases, and a part summary
+        ``summary_part_K_of_N.json`` in ``output_dir`` when it is done. ``resume``: cases whose outputs are all
+        there (`complete`) are not segmented again but yielded first, marked ``skipped``; the others are (re)done,
+        replacing any partial outputs of an interrupted run."""
         from tqdm import tqdm
 
+        started = time.perf_counter()
         dupes = duplicate_ids(cases)
         if dupes:
             raise NeuroMapError(f"several inputs have the same case id {dupes}; their outputs would collide.")
-        with tqdm(total=len(cases), desc="segmenting", unit="case", disable=not progress or len(cases) < 2) as bar:
-            for read in self._reads(cases, output_dir, overwrite):
+        if (resume or part) and output_dir is None:
+            raise NeuroMapError("--continue and --num-parts need an output folder (-o).")
+        summary = part.summary_file(Path(output_dir)) if part else None
+        if summary is not None and summary.exists() and not (overwrite or resume):
+            raise NeuroMapError(f"output exists: {summary}. Fix: another -o folder, --continue or --overwrite.")
+        selected = part.select(cases) if part else cases
+        done = {case.case_id for case in selected if resume and self.complete(case, output_dir)}
+        results = [self._skipped(case, Path(output_dir)) for case in selected if case.case_id in done]
+        yield from results
+        todo = [case for case in selected if case.case_id not in done]
+        with tqdm(total=len(todo), desc="segmenting", unit="case", disable=not progress or len(todo) < 2) as bar:
+            for read in self._reads(todo, output_dir, overwrite or resume):
                 bar.set_postfix_str(read.case.case_id, refresh=False)
-                yield self._finish(read, overwrite)
+                result = self._finish(read, overwrite or resume)
+                results.append(dataclasses.replace(result, labels=None))  # for the summary: reports, not labels
+                yield result
                 bar.update()
+        if summary is not None:
+            run = {"engine": self.engine, "device": str(self.device), "workers": self.cfg.workers,
+                   "threads": torch.get_num_threads()}
+            order = {case.case_id: i for i, case in enumerate(selected)}
+            results.sort(key=lambda r: order[r.case_id])
+            write_summary(summary, part, len(cases), results, started, run, overwrite=True)
+
+    def complete(self, case: Case, output_dir: str | Path) -> bool:
+        """Whether every output this segmenter would write for ``case`` exists and its report names the case
+        (outputs are renamed into place together after all were staged, so they are all there or a run was
+        cut between renames)."""
+        case, _, _ = self._as_segmented(case)
+        files = case.layout.planned_writes(case, Path(output_dir), self.optional)
+        if not all(p.exists() for p in files):
+            return False
+        report = case.layout.output_files(case, Path(output_dir), self.optional)["report.json"]
+        try:
+            return json.loads(report.read_text()).get("case_id") == case.case_id
+        except (OSError, ValueError):
+            return False
+
+    def _skipped(self, case: Case, output_dir: Path) -> SegmentResult:
+        """The result of a case `complete` found done: its report read back, no labels loaded."""
+        case, _, _ = self._as_segmented(case)
+        files = case.layout.output_files(case, output_dir, self.optional)
+        report = json.loads(files["report.json"].read_text())
+        return SegmentResult(case.case_id, None, report, files, files[case.layout.label_key], skipped=True)
 
     def _reads(self, cases: Iterable[Case], output_dir: str | Path | None, overwrite: bool) -> Iterator[_Read]:
         """Each case read and prepared, in order. With ``cfg.workers`` N > 0, N reader threads keep the next N
@@ -200,15 +248,20 @@ class Segmenter:
         ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together."""
         return self._finish(self._read(case, output_dir, overwrite), overwrite)
 
+    def _as_segmented(self, case: Case) -> tuple[Case, list[Path], list[tuple[Runner, ModelSpec]]]:
+        """``case`` as this segmenter reads it (raw scans wear a `RawLayout` for the model's sequences), with
+        the checkpoints and the loaded models it gets."""
+        model_files = self.model_files(case)
+        models = self._models(model_files)
+        if self.raw is not None:
+            case = as_raw(case, self.raw, models[0][1].modalities)
+        return case, model_files, models
+
     def _read(self, case: Case, output_dir: str | Path | None, overwrite: bool) -> _Read:
         """The reading stage: model choice, output checks, then load and prepare (see the module docstring)."""
         t0 = time.perf_counter()
-        model_files = self.model_files(case)
-        models = self._models(model_files)
-        spec = models[0][1]
-        if self.raw is not None:
-            case = as_raw(case, self.raw, spec.modalities)
-        layout = case.layout
+        case, model_files, models = self._as_segmented(case)
+        spec, layout = models[0][1], case.layout
         if set(self.optional) - set(layout.optional_outputs):
             raise NeuroMapError(
                 f"case '{case.case_id}' ({case.root}): --dicom-seg needs a DICOM input (a DICOM SEG must reference "
@@ -291,7 +344,7 @@ def segment(
     inputs: Inputs, output_dir: str | Path | None = None, model: ModelChoice = None, labels: str = "brats",
     overwrite: bool = False, progress: bool = False, cfg: InferenceConfig | None = None,
     mapping: Mapping[str, str | Path] | None = None, dicom_seg: bool = False, raw: bool | RawOptions = False,
-    **options,
+    num_parts: int | None = None, part_id: int | None = None, resume: bool = False, **options,
 ) -> list[SegmentResult]:
     """Segment one or many cases (the Python face of ``neuromap segment``).
 
@@ -300,10 +353,12 @@ def segment(
     (``--map``), or for a DICOM study its series by modality (`neuromap.io.inputs`). ``dicom_seg`` adds a DICOM
     SEG output to DICOM cases. ``raw=True`` (or `RawOptions`: reference, skull_stripped, n4, save_brain_mask,
     save_prepared) prepares raw scans first: sequences on their own grids, skull on, thick slices. Inference options
-    come as an InferenceConfig (``cfg``) or as its fields (``tta=True, device="cpu"``), not both. Returns one
-    result per case with the label image (input grid, ``labels`` convention) and the report dict; files are
-    written when ``output_dir`` is set.
+    come as an InferenceConfig (``cfg``) or as its fields (``tta=True, device="cpu"``), not both. ``num_parts`` and
+    ``part_id`` segment one deterministic share of the cases and write its summary (`neuromap.cohort`); ``resume``
+    skips cases whose outputs are complete (``--continue``). Returns one result per case with the label image
+    (input grid, ``labels`` convention) and the report dict; files are written when ``output_dir`` is set.
     """
+    part = Part.of(num_parts, part_id)
     segmenter = Segmenter(model, inference_config(cfg, options), labels, dicom_seg, raw)
     with cases_from_inputs(inputs, mapping) as cases:
-        return segmenter.segment(cases, output_dir, overwrite, progress)
+        return segmenter.segment(cases, output_dir, overwrite, progress, part, resume)
