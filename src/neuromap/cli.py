@@ -161,7 +161,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.io import cases_from_inputs
     from neuromap.segmenter import Segmenter
 
-    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
+    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads,
+                          picture_convention="neurological" if args.neurological else "radiological")
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
         segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
         results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
     p.add_argument("--threads", type=int)
+    p.add_argument("--neurological", action="store_true",
+                   help="overlay PNG in neurological convention (patient's right on the image's right); "
+                   "default radiological (patient's right on the left, as PACS show it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)

@@ -277,3 +277,6 @@ class InferenceConfig(Strict):
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    picture_convention: Literal["radiological", "neurological"] = Field(
+        "radiological", description="overlay PNG left-right: radiological puts the patient's right on the left"
+    )

@@ -46,6 +46,12 @@ class SegmentResult:
     files: dict[str, Path] = field(default_factory=dict)  # label output, "report.json", "overlay.png"
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
 
+    def show(self, radiological: bool = True, height: int = 480):
+        """Show the result in a Jupyter notebook: NiiVue viewer, or the overlay picture (`neuromap.notebook`)."""
+        from neuromap.notebook import show
+
+        return show(self, radiological, height)
+
 
 def inference_config(cfg: InferenceConfig | None, options: Mapping[str, object]) -> InferenceConfig:
     """The one way options reach a Segmenter: an InferenceConfig, or its fields as keywords (``tta=True``)."""
@@ -166,7 +172,8 @@ class Segmenter:
             t1 = time.perf_counter()
             shown = "flair" if "flair" in volume.modalities else volume.modalities[0]
             png, picture_notes = layout.picture(prediction, volume.image[volume.modalities.index(shown)],
-                                                f"{case.case_id} ({shown}) - {spec.model.name}")
+                                                f"{case.case_id} ({shown}) - {spec.model.name}",
+                                                cfg.picture_convention == "radiological")
             warnings += picture_notes
             timings["overlay_s"] = time.perf_counter() - t1
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

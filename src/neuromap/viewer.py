@@ -14,11 +14,8 @@ import nibabel as nib
 import numpy as np
 
 from neuromap.labels import CONVENTIONS, to_internal
-from neuromap.pictures import tumour_centre
+from neuromap.pictures import plane_axes, tumour_centre
 from neuromap.tasks import Task
-
-# The plane an axis code belongs to: an axial slice is one index along the file axis that runs inferior-superior.
-PLANE_OF_CODE = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "R": "sagittal", "L": "sagittal"}
 
 
 @dataclass(frozen=True)
@@ -53,12 +50,6 @@ def label_styles(task: Task, convention: str) -> tuple[LabelStyle, ...]:
     value_of = {internal: value for value, internal in CONVENTIONS[convention].items() if internal}
     return tuple(LabelStyle(value_of[internal], task.legend[internal], hex_colour(colour))
                  for internal, colour in task.colours.items())
-
-
-def plane_axes(affine: np.ndarray) -> dict[str, int]:
-    """Which file axis each anatomical plane indexes, from the axis codes of the affine (oblique scans: the
-    closest axis, as nibabel's orientation code takes it)."""
-    return {PLANE_OF_CODE[code]: axis for axis, code in enumerate(nib.aff2axcodes(affine))}
 
 
 def viewer_scene(inputs: dict[str, str | Path], labels: nib.Nifti1Image, convention: str, task: Task) -> ViewerScene:
