@@ -1,7 +1,8 @@
 """NeuroMap: brain tumour segmentation in multimodal MRI. Research use only.
 
-The Python API mirrors the command line: ``segment``, ``train``, ``evaluate``, ``show`` (a result in a notebook), plus ``validate_case`` and
-``discover_cases`` for checking inputs. Many cases with one model: ``neuromap.segmenter.Segmenter``.
+The Python API mirrors the command line: ``segment``, ``train``, ``evaluate``, plus ``show`` (a result in a
+notebook), ``validate_case`` and ``discover_cases`` for checking inputs. Many cases with one model:
+``neuromap.segmenter.Segmenter``.
 """
 
 from neuromap.errors import NeuroMapError

@@ -2,11 +2,11 @@
 ship inside the package (``neuromap/viewer_web``), so the page works offline and never loads code from a CDN.
 
 It shows every uploaded sequence and the label map in their own grid with linked axial/coronal/sagittal views and
-a crosshair (click to move it), zoom and pan, window/level (numbers or right-drag), per-label colour, opacity and
-visibility and the label opacity, the radiological convention by default with a toggle, orientation letters on all four sides, the
-crosshair's slice numbers and positions in mm, and a 3D render of the tumour labels. Why a custom component
-rather than ``niivue-streamlit``: see ``viewer_web/viewer.js``. What is shown is decided by `neuromap.viewer`,
-shared with the notebook viewer.
+a crosshair (click to move it), zoom and pan, window/level (numbers or right-drag), per-label colour and
+visibility and the label opacity, the radiological convention by default with a toggle, orientation letters on all
+four sides, the crosshair's slice numbers and positions in mm, and a 3D render of the tumour labels. Why a custom
+component rather than ``niivue-streamlit``: see ``viewer_web/viewer.js``. What is shown is decided by
+`neuromap.viewer`, shared with the notebook viewer.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +125,13 @@ class Segmenter:
         return [self.segment_case(case, output_dir, overwrite)
                 for case in tqdm(cases, desc="segmenting", disable=not progress or len(cases) < 2, unit="case")]
 
-    def segment_case(self, case: Case, output_dir: str | Path | None = None, overwrite: bool = False) -> SegmentResult:
+    def segment_case(self, case: Case, output_dir: str | Path | None = None, overwrite: bool = False,
+                     on_stage: Callable[[str], None] | None = None) -> SegmentResult:
         """Segment one case. With ``output_dir``, write its layout's outputs (label output, ``<case>_report.json``,
-        ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together."""
+        ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together.
+        ``on_stage`` hears each stage as it starts ("reading", "preparing", "model", "writing"), e.g. for the web
+        app's progress bar."""
+        stage = on_stage or (lambda name: None)
         cfg, layout = self.cfg, case.layout
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -144,14 +148,18 @@ class Segmenter:
         if output_dir is not None:
             files = layout.output_files(case, Path(output_dir), self.optional)
             _guard_outputs(case, layout.planned_writes(case, Path(output_dir), self.optional), overwrite)
+        stage("reading")
         volume = layout.load(case, spec.modalities, with_seg=False)
         timings["load_s"] = time.perf_counter() - t0
+        stage("preparing")
         t1 = time.perf_counter()
         prepared = prepare(volume, spec.preprocess)
         timings["preprocess_s"] = time.perf_counter() - t1
+        stage("model")
         t1 = time.perf_counter()
         probs = predict_probs(models, prepared.image, cfg, device=self.device)
         timings["inference_s"] = time.perf_counter() - t1
+        stage("writing")
         t1 = time.perf_counter()
         inverse = prepared.inverse
         internal, notes = postprocess(labels_in_input_grid(probs, inverse, task),
