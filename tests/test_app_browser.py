@@ -90,9 +90,12 @@ def healthy(url: str) -> bool:
         return False
 
 
-def pixels(locator) -> np.ndarray:
-    """What the browser shows of an element, as an RGB array (a real screenshot, WebGL included)."""
-    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"), dtype=np.float32)
+def pixels(page, locator) -> np.ndarray:
+    """What the browser shows of an element, as an RGB array: a real screenshot (WebGL included) of the page
+    clipped to the element (an element screenshot first waits for animation frames, which a busy software GPU
+    may not deliver in time)."""
+    shot = page.screenshot(clip=locator.bounding_box())
+    return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.float32)
 
 
 def crop(picture: np.ndarray, box: list[float]) -> np.ndarray:
@@ -131,8 +134,11 @@ def test_upload_segment_view_download_and_refusal_in_chromium(tmp_path: Path) ->
             table.wait_for(timeout=180_000)
             assert all(region in table.inner_text() for region in ("NCR/NET", "ED", "ET", "WT", "TC"))
             page.get_by_text(f"Done: {CASE} in").wait_for()
-            expect(page.locator("#result")).to_be_in_viewport()  # the page scrolled to the result
+            expect(page.locator("#result")).to_be_in_viewport(timeout=60_000)  # the page scrolled to the result
 
+            # The viewer first: while NiiVue loads (a software GPU, same process) the page's frames stall, and
+            # Playwright's clicks wait for stable frames.
+            view_in_browser(page, expect, tmp_path)
             with page.expect_download() as download:
                 page.get_by_role("button", name="Label map (NIfTI, input grid)").click()
             assert download.value.suggested_filename == f"{CASE}_seg.nii.gz"
@@ -147,8 +153,6 @@ def test_upload_segment_view_download_and_refusal_in_chromium(tmp_path: Path) ->
                 page.get_by_role("button", name="Report (JSON)").click()
             report = json.loads(Path(download.value.path()).read_text())
             assert report["inputs"] == {m: f"{CASE}_{m}.nii.gz" for m in SEQUENCES}
-
-            view_in_browser(page, expect, tmp_path)
 
             # A sequence the model needs set to 'ignore': Segment is disabled and the page says why.
             page.get_by_label(f"Sequence of {CASE}_t1ce.nii.gz").click()
@@ -192,12 +196,12 @@ def view_in_browser(page, expect, tmp_path: Path) -> None:
     assert " mm " in after["sagittal"] and "slice " in after["sagittal"]
 
     # Radiological (default) -> neurological: the axial view is mirrored, the side letters swap.
-    radiological = pixels(canvas)
+    radiological = pixels(page, canvas)
     expect(frame.locator("#convention")).to_have_text("screen left = patient Right (R | L)")
     frame.get_by_label("Radiological").uncheck()
     expect(frame.locator("#convention")).to_have_text("screen left = patient Left (L | R)")
     page.wait_for_timeout(1000)
-    neurological = pixels(canvas)
+    neurological = pixels(page, canvas)
     axial_r, axial_n = crop(radiological, tiles["axial"]), crop(neurological, tiles["axial"])
     mirrored = np.abs(axial_r - axial_n[:, ::-1]).mean()
     assert mirrored < 0.5 * np.abs(axial_r - axial_n).mean()
@@ -212,22 +216,22 @@ def view_in_browser(page, expect, tmp_path: Path) -> None:
     frame.get_by_label("Radiological").check()
 
     # Window/level: a narrow window changes what the views show.
-    shown = pixels(canvas)
+    shown = pixels(page, canvas)
     frame.locator("#width").fill("50")
     frame.locator("#width").dispatch_event("change")
     page.wait_for_timeout(1000)
-    assert np.abs(pixels(canvas) - shown).mean() > 3
+    assert np.abs(pixels(page, canvas) - shown).mean() > 3
 
     # Another sequence under the labels.
-    shown = pixels(canvas)
+    shown = pixels(page, canvas)
     frame.get_by_label("T1ce (contrast)").check()
     expect(frame.locator("#width")).not_to_have_value("50", timeout=LOAD_TIMEOUT_MS)  # the new volume's window
-    assert np.abs(pixels(canvas) - shown).mean() > 3
+    assert np.abs(pixels(page, canvas) - shown).mean() > 3
 
     # The 3D render of the tumour labels.
     frame.get_by_role("button", name="Show the tumour in 3D").click()
     frame.locator("#render-box[data-ready=true]").wait_for(state="attached", timeout=LOAD_TIMEOUT_MS)
     page.wait_for_timeout(1000)
-    render = pixels(frame.locator("#render3d"))
+    render = pixels(page, frame.locator("#render3d"))
     assert (render.max(axis=2) > 40).mean() > 0.001  # coloured tumour voxels on the black background
     page.screenshot(path=str(tmp_path / "viewer_3d.png"))

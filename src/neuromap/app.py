@@ -242,6 +242,7 @@ class Progress:
         self.stage = "arranging"
         self.start = time.monotonic()
         self.bar = st.progress(0.0)
+        self.draw()
 
     def draw(self) -> None:
         fraction, text = STAGES[self.stage]
