@@ -170,7 +170,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.segmenter import Segmenter
 
     options = {"tta": args.tta, "device": args.device, "threads": args.threads, "workers": args.workers,
-               "engine": args.engine}
+               "engine": args.engine,
+               "picture_convention": "neurological" if args.neurological else None}
     cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
                        source="neuromap segment options")
     raw = _raw_options(args)
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--part-id", type=int, metavar="K", help="which part, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
     cluster.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs are "
                          "complete; redo the others (replacing partial outputs of an interrupted run)")
+    p.add_argument("--neurological", action="store_true",
+                   help="overlay PNG in neurological convention (patient's right on the image's right); "
+                   "default radiological (patient's right on the left, as PACS show it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)

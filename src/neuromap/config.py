@@ -288,3 +288,6 @@ class InferenceConfig(Strict):
         "auto", description="what runs the network (neuromap.engines): auto = the fastest installed CPU engine "
         "(measured: docs/experiments/inference_engines.md), PyTorch when none is installed or on a GPU"
     )
+    picture_convention: Literal["radiological", "neurological"] = Field(
+        "radiological", description="overlay PNG left-right: radiological puts the patient's right on the left"
+    )

@@ -137,8 +137,10 @@ class Layout:
         """Write the labels under temporary names that ``stack`` renames together with the other outputs."""
         raise NotImplementedError
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        """The overview PNG and any warnings about it."""
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
+        """The overview PNG (left-right as ``radiological`` says, where the layout knows the orientation) and any
+        warnings about it."""
         raise NotImplementedError
 
     def report_extra(self, prediction: Prediction) -> dict:

@@ -263,9 +263,11 @@ class LggSliceLayout(Layout):
         return {"slices": {"count": len(numbers),
                            "with_abnormality": [n for n, p in zip(numbers, present, strict=True) if p]}}
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
         """Ground-truth masks, when the folder has them, are outlined; they are read again here (small files)
-        because segmentation itself must not depend on them: a folder with some masks missing still segments."""
+        because segmentation itself must not depend on them: a folder with some masks missing still segments.
+        The .tif slices store no orientation, so they are drawn as stored whatever ``radiological`` says."""
         case, truth, notes = prediction.case, None, []
         if case.seg is not None:
             try:

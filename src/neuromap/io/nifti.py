@@ -259,11 +259,18 @@ class NiftiLayout(Layout):
                      overwrite: bool) -> None:
         nib.save(prediction.labels, str(stack.enter_context(atomic_path(files[self.label_key], overwrite))))
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution."""
-        task = prediction.task
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
+        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution, titled with
+        their positions in mm and slice numbers in the file, with the headline volumes."""
+        task, reference = prediction.task, prediction.volume.reference
+        ras_affine = reference.affine @ nib.orientations.inv_ornt_aff(nib.io_orientation(reference.affine),
+                                                                       reference.shape[:3])
+        voxels = task.volume_voxels(prediction.internal)
+        volumes = " · ".join(f"{key} {voxels[key] * prediction.volume.voxel_ml:.1f} mL" for key in task.headline)
         return overlay_png(prediction.ras(background), prediction.ras(prediction.internal), prediction.ras_spacing,
-                           title, task.legend, task.colours), []
+                           title, task.legend, task.colours, ras_affine=ras_affine, file_affine=reference.affine,
+                           volumes_text=volumes, radiological=radiological), []
 
     # ------------------------------------------------------------------------------------- labels back
 
