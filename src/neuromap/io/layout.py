@@ -86,11 +86,10 @@ class Layout:
         """The cases of a folder this layout claims."""
         raise NotImplementedError
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
-        """Validate and load; every problem is raised together in one NeuroMapError. ``with_seg`` None loads the
-        segmentation when there is one, True requires it, False skips it. ``check_only`` returns None."""
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
+        """Validate and load; every problem is raised together in one NeuroMapError, what is merely odd goes to
+        the volume's ``warnings``. ``with_seg`` None loads the segmentation when there is one, True requires it,
+        False skips it."""
         raise NotImplementedError
 
     # ---- outputs of a segmentation
