@@ -28,6 +28,7 @@ from neuromap.io import Case, atomic_path, cases_from_inputs, duplicate_ids
 from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
 from neuromap.preprocess import prepare
@@ -136,6 +137,7 @@ class Segmenter:
             )
         files: dict[str, Path] = {}
         if output_dir is not None:
+            check_writable_folder(output_dir, "segmentation outputs")
             files = layout.output_files(case, Path(output_dir), self.optional)
             _guard_outputs(case, layout.planned_writes(case, Path(output_dir), self.optional), overwrite)
         volume = layout.load(case, spec.modalities, with_seg=False)

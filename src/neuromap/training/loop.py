@@ -26,6 +26,7 @@ from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from neuromap.config import InferenceConfig, TrainConfig
 from neuromap.errors import NeuroMapError
 from neuromap.inference import predict_probs
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.tasks import task_of
 from neuromap.training.data import (
     PatchDataset,
@@ -123,16 +124,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         raise NeuroMapError(f"{last_path}: nothing to resume (no last checkpoint). Fix: start without --resume.")
     if not resume and last_path.exists():
         raise NeuroMapError(f"{run_dir}: a run already exists there. Fix: --resume it, or set another output_dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(run_dir, "training run")
 
     cases = find_training_cases(cfg.data_roots)
     split = split_cases([c.case_id for c in cases], cfg.split, cfg.seed)
-    if rank == 0:
-        write_split(run_dir / "split.json", split)
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     by_id = {c.case_id: c for c in cases}
     train_cases = [prepare_case(by_id[i], cfg) for i in split["train"]]
     val_cases = [prepare_case(by_id[i], cfg) for i in split["val"]] if rank == 0 else []
+    # The run folder appears only once the data is usable: a refused run leaves no empty folder behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_split(run_dir / "split.json", split)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     spec = ModelSpec(cfg.model, cfg.preprocess, cfg.task, tuple(cfg.patch_size), cfg.out_channels)
     model = spec.build()
