@@ -105,7 +105,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                 "input_spacing_mm": list(volume.spacing), "orientation": "reoriented to RAS",
                 "crop_bbox_ras": [list(b) for b in inv.bbox], "prepared_shape": list(prepared.image.shape),
                 "prepared_spacing_mm": [round(s, 3) for s in prepared.spacing], "z_score": cfg.normalize,
-                "n4": cfg.n4,
+                "n4": cfg.n4, "warnings": volume.warnings,
             }))
     return 0
 

@@ -24,7 +24,6 @@ a raw clinical study: 92 sequences; `scripts/plausibility_survey.py`, `docs/expe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -58,10 +57,12 @@ class Findings:
 
 def check_distinct_files(refs: Mapping[str, ImageRef]) -> None:
     """Refuse one file (or one channel of a 4D file) given for two sequences, before anything is read; links and
-    different spellings of a path count as the same file."""
+    different spellings of a path count as the same file. A missing file is left to the opener's message."""
     seen: dict[tuple[int, int, int | None], str] = {}
     for modality, ref in refs.items():
-        stat = os.stat(ref.path)
+        if not ref.path.is_file():
+            continue
+        stat = ref.path.stat()
         key = (stat.st_dev, stat.st_ino, ref.channel)
         if key in seen:
             raise NeuroMapError(
