@@ -472,10 +472,11 @@ def test_output_problems_are_found_before_inference(tmp_path, case, tiny_checkpo
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     segment = ("segment", case, "--model", tiny_checkpoint, "--quiet", "-o")
-    refused(tmp_path, *segment, blocker, expect=("a_file: is a file, not a folder",))
+    refused(tmp_path, *segment, blocker, expect=("a_file: the segmentation outputs cannot be written there: it is a "
+                                                 "file, not a folder",))
     refused(tmp_path, *segment, blocker / "sub", expect=("lies under", "which is a file"))
-    refused(tmp_path, *segment, "/dev/null", expect=("/dev/null: is a file",))
-    refused(tmp_path, *segment, _unwritable(tmp_path), expect=("cannot create it inside",))
+    refused(tmp_path, *segment, "/dev/null", expect=("/dev/null: the segmentation outputs cannot be written there",))
+    refused(tmp_path, *segment, _unwritable(tmp_path), expect=("creating it inside",))
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     refused(tmp_path, *segment, tmp_path / "dangling", expect=("broken link",))
 
@@ -501,8 +502,9 @@ def test_evaluate_output_problems_are_found_first(tmp_path, case):
     pred = _prediction_folder(tmp_path, case)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    refused(tmp_path, "evaluate", pred, case.parent, "-o", blocker, expect=("is a file, not a folder",))
-    refused(tmp_path, "evaluate", pred, case.parent, "-o", _unwritable(tmp_path), expect=("cannot create it",))
+    refused(tmp_path, "evaluate", pred, case.parent, "-o", blocker, expect=("evaluation results cannot be written",
+                                                                             "it is a file, not a folder"))
+    refused(tmp_path, "evaluate", pred, case.parent, "-o", _unwritable(tmp_path), expect=("creating it inside",))
 
 
 # ------------------------------------------------------------------------------------------------ 4. option ranges
@@ -570,8 +572,8 @@ def test_spacing_in_a_config_file_has_the_same_range(tmp_path):
 @pytest.mark.parametrize("text, expect", [
     ("", "the config file is empty"),
     ("# only a comment\n", "the config file is empty"),
-    ("{{}}\n", "data_roots: Field required"),
-    ("name: x\n", "data_roots: Field required"),
+    ("{{}}\n", "the config names no data_roots"),
+    ("name: x\n", "the config names no data_roots"),
     ("- a\n- b\n", "must be a YAML mapping"),
     ("name: [unclosed\n", "not valid YAML"),
     ("data_roots: [{missing}]\n", "missing: no such file or folder"),

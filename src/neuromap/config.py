@@ -194,12 +194,13 @@ class SplitConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """One experiment. ``neuromap train CONFIG.yaml`` reads this; every field but ``data_roots`` has a CPU-friendly
-    default."""
+    """One experiment. ``neuromap train CONFIG.yaml`` reads this; every field has a CPU-friendly default, except
+    that the data must be named: ``data_roots`` is empty until a config sets it, and training refuses that."""
 
     name: str = "experiment"
     data_roots: list[str] = Field(
-        min_length=1, description="folders of labelled cases; required, so a run never trains on data nobody named"
+        default_factory=list, description="folders of labelled cases; none by default, so a run never trains on (or "
+        "complains about) a folder nobody named"
     )
     task: Literal["brats", "binary"] = "brats"
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

@@ -23,18 +23,18 @@ def check_writable_folder(folder: str | Path, what: str) -> None:
     existing = folder
     while not existing.exists():
         if existing.is_symlink():
-            raise NeuroMapError(f"{existing}: a broken link on the {what} path {folder}. Fix: remove it or choose "
-                                "another output folder.")
+            raise NeuroMapError(f"{folder}: the {what} cannot be written there: {existing} is a broken link. "
+                                "Fix: remove it or choose another output folder.")
         existing = existing.parent
-    where = "is" if existing == folder else f"lies under {existing}, which is"
+    where = "it is" if existing == folder else f"it lies under {existing}, which is"
     if not existing.is_dir():
-        raise NeuroMapError(f"{folder}: {where} a file, not a folder, so the {what} cannot go there. "
+        raise NeuroMapError(f"{folder}: the {what} cannot be written there: {where} a file, not a folder. "
                             "Fix: choose another output folder.")
     try:
         handle, probe = tempfile.mkstemp(prefix=".neuromap-write-test-", dir=existing)
     except OSError as exc:
-        action = "write into it" if existing == folder else f"create it inside {existing}"
-        raise NeuroMapError(f"{folder}: cannot {action} ({exc.strerror}), so the {what} cannot be saved. "
+        action = "writing into it" if existing == folder else f"creating it inside {existing}"
+        raise NeuroMapError(f"{folder}: the {what} cannot be written ({action} failed: {exc.strerror}). "
                             "Fix: choose a folder you can write to.") from None
     os.close(handle)
     os.unlink(probe)

@@ -82,7 +82,7 @@ def check_sequences(channels: Sequence[np.ndarray], modalities: Sequence[str], s
         return findings
     _check_pairs([channels[i] for i in usable], [modalities[i] for i in usable], [sources[i] for i in usable],
                  findings)
-    nonzero = float(np.mean(np.any([channels[i] != 0 for i in usable], axis=0)))
+    nonzero = float(np.mean(np.logical_or.reduce([channels[i] != 0 for i in usable])))
     if nonzero > SKULL_SHARE:
         findings.warnings.append(
             f"{nonzero:.0%} of the voxels are nonzero (skull-stripped scans: about 13-20%): the scans look not "
@@ -111,13 +111,15 @@ def _check_one(data: np.ndarray, modality: str, source: str, findings: Findings)
         return False
     sample = _sample(values)
     levels, counts = np.unique(sample, return_counts=True)
-    if levels.size <= MAX_LABEL_LEVELS:
-        levels = np.unique(values)  # the sample may miss a rare value: decide on every voxel
-    if levels.size <= MAX_LABEL_LEVELS:
-        findings.problems.append(_few_levels(levels, values.size < data.size, modality, source))
-        return False
-    if levels.size < FEW_LEVELS:
-        findings.warnings.append(f"{source}: only {levels.size} distinct intensities (real scans: hundreds to "
+    distinct = levels.size
+    if distinct <= MAX_LABEL_LEVELS:
+        every = np.unique(values)  # the sample may miss a rare value: decide on every voxel
+        if every.size <= MAX_LABEL_LEVELS:
+            findings.problems.append(_few_levels(every, values.size < data.size, modality, source))
+            return False
+        distinct = every.size
+    if distinct < FEW_LEVELS:
+        findings.warnings.append(f"{source}: only {distinct} distinct intensities (real scans: hundreds to "
                                  "thousands); heavily quantised or not an MRI sequence.")
     negative = float(np.mean(sample < 0))
     if negative > NEGATIVE_SHARE:
@@ -150,10 +152,10 @@ def signal_correlation(channels: Sequence[np.ndarray]) -> np.ndarray:
     its own 99th percentile. That leaves out the background, which would otherwise make any two sequences of a
     scan with skull and noise look alike (the head-versus-air contrast is shared by all of them)."""
     levels = [SIGNAL_LEVEL * np.percentile(_sample(c[c != 0]), 99) for c in channels]
-    signal = np.flatnonzero(np.all([c > level for c, level in zip(channels, levels, strict=True)], axis=0))
-    picked = signal[:: max(1, signal.size // SAMPLE)]
+    signal = np.logical_and.reduce([c > level for c, level in zip(channels, levels, strict=True)])
+    step = max(1, int(np.count_nonzero(signal)) // SAMPLE)
     with np.errstate(invalid="ignore", divide="ignore"):  # a sequence constant on the sample: r is NaN, no finding
-        return np.corrcoef(np.stack([c.ravel()[picked].astype(np.float64) for c in channels]))
+        return np.corrcoef(np.stack([c[signal][::step].astype(np.float64) for c in channels]))
 
 
 def _sample(values: np.ndarray) -> np.ndarray:
