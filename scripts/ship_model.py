@@ -118,7 +118,9 @@ def main() -> None:
         f"{int(run_cfg['iterations_per_epoch'])} iterations of batch {run_cfg['batch_size']} per epoch; "
         f"{run_cfg['optimizer']} lr {run_cfg['lr']}, loss {run_cfg['loss']}.",
         f"- Wall time: {summary['wall_seconds'] / 60:.1f} min on {summary['hardware']} "
-        "(2-core CPU VM shared with other jobs: times are upper bounds).",
+        "(2-core CPU VM shared with other jobs: times are upper bounds)"
+        + (f"; CPU time of the training process {summary['cpu_seconds'] / 60:.1f} min (budget "
+           f"`cpu_minutes: {run_cfg['cpu_minutes']}`)." if "cpu_seconds" in summary else "."),
         f"- Last logged epoch: {log[-1]}", "",
         "## Measured results (in each case's original voxel grid, via `neuromap segment` + `neuromap evaluate`)",
     ]

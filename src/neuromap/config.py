@@ -283,6 +283,9 @@ class TrainConfig(Strict):
         return get_task(self.task, self.model.out).out_channels()
 
 
+MAX_WORKERS = 8
+
+
 class InferenceConfig(Strict):
     """How `neuromap segment` runs a model; defaults are the shipped behaviour."""
 
@@ -300,3 +303,14 @@ class InferenceConfig(Strict):
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Threads | None = None
+    # Each reader holds one prepared case (about 0.5 GB for a 240x240x155 four-sequence case) and competes with
+    # the model for the CPU, so more readers than the model stage can hide only cost memory.
+    workers: int = Field(1, ge=0, le=MAX_WORKERS, description="batches: cases read and prepared in background "
+                         "threads while the model runs on the current one (0: read in turn)")
+    engine: Literal["auto", "torch", "torch-compile", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the network (neuromap.engines): auto = the fastest installed CPU engine "
+        "(measured: docs/experiments/inference_engines.md), PyTorch when none is installed or on a GPU"
+    )
+    picture_convention: Literal["radiological", "neurological"] = Field(
+        "radiological", description="overlay PNG left-right: radiological puts the patient's right on the left"
+    )

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from neuromap.errors import NeuroMapError
@@ -84,12 +85,7 @@ class DicomLayout(NiftiLayout):
         (co-registration), which is a separate step, so it is refused here with that fix in the message."""
         choice = case.study
         modalities = list(modalities or case.modalities)
-        missing = [m for m in modalities if m not in case.images]
-        if missing:
-            raise NeuroMapError(
-                f"DICOM study {case.root}: no series for {missing}.\n{choice.listing()}\n"
-                f"Fix: name them with --map, e.g. --map {missing[0]}=SERIES_UID (or the series number or description)."
-            )
+        self.require(case, modalities)
         if with_seg:
             raise NeuroMapError(f"DICOM study {case.root}: has no ground-truth segmentation to read.")
         series = [case.images[m].series for m in modalities]
@@ -108,7 +104,24 @@ class DicomLayout(NiftiLayout):
         if findings.problems:
             raise NeuroMapError("\n".join(findings.problems))
         return Volume(case=case, image=np.stack(channels), modalities=modalities,
-                      reference=reference_image(reference), warnings=[*choice.warnings, *findings.warnings])
+                      reference=reference_image(reference),
+                      warnings=[*self.notes(case), *findings.warnings])
+
+    def require(self, case: Case, modalities: list[str]) -> None:
+        missing = [m for m in modalities if m not in case.images]
+        if missing:
+            raise NeuroMapError(
+                f"DICOM study {case.root}: no series for {missing}.\n{case.study.listing()}\n"
+                f"Fix: name them with --map, e.g. --map {missing[0]}=SERIES_UID (or the series number or description)."
+            )
+
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        self.require(case, [modality])
+        series = case.images[modality].series
+        return read_series(series), reference_image(series)
+
+    def notes(self, case: Case) -> list[str]:
+        return list(case.study.warnings)
 
     # ------------------------------------------------------------------------------------- outputs
 

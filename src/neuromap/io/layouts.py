@@ -62,8 +62,8 @@ def load_case(case: Case, modalities: list[str] | None = None, with_seg: bool | 
 
 def validate_case(case: Case, modalities: list[str] | None = None) -> list[str]:
     """Raise NeuroMapError listing every problem with ``case``; when it is usable, return the warnings a
-    segmentation of it would report (a full load: the values are part of what is validated)."""
-    return case.layout.load(case, modalities).warnings
+    segmentation of it would report (see `Layout.check`)."""
+    return case.layout.check(case, modalities)
 
 
 def label_files(root: Path, predicted: bool) -> list[LabelFile]:

@@ -208,6 +208,12 @@ class LggSliceLayout(Layout):
             )
         return warnings
 
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        raise NeuroMapError(
+            f"case '{case.case_id}' ({case.root}): --raw prepares 3D scans (NIfTI files or DICOM series); this is a "
+            "folder of 2D slice images with no geometry to register. Fix: leave out --raw."
+        )
+
     # ------------------------------------------------------------------------------------- outputs
 
     def mask_paths(self, case: Case, out_dir: Path) -> list[Path]:
@@ -253,9 +259,11 @@ class LggSliceLayout(Layout):
         return {"slices": {"count": len(numbers),
                            "with_abnormality": [n for n, p in zip(numbers, present, strict=True) if p]}}
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
         """Ground-truth masks, when the folder has them, are outlined; they are read again here (small files)
-        because segmentation itself must not depend on them: a folder with some masks missing still segments."""
+        because segmentation itself must not depend on them: a folder with some masks missing still segments.
+        The .tif slices store no orientation, so they are drawn as stored whatever ``radiological`` says."""
         case, truth, notes = prediction.case, None, []
         if case.seg is not None:
             try:

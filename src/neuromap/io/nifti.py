@@ -174,26 +174,26 @@ class NiftiLayout(Layout):
         any) of the same shape and not empty."""
         modalities = list(modalities or case.modalities)
         problems: list[str] = []
-        missing = [m for m in modalities if m not in case.images]
-        if missing:
-            raise NeuroMapError(
-                f"case '{case.case_id}' ({case.root}): missing modality {missing} (found: {case.modalities}). "
-                "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
-            )
+        self.require(case, modalities)
         refs = [case.images[m] for m in modalities]
         check_distinct_files(dict(zip(modalities, refs, strict=True)))
         headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
         first_ref, first = refs[0], headers[0]
         shape0 = spatial_shape(first, first_ref)
+        off_grid = []
         for ref, img in zip(refs, headers, strict=True):
             shape = spatial_shape(img, ref)
             if len(shape) != 3:
                 problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
             elif difference := grid_difference(img, first, shape, shape0, AFFINE_TOLERANCE):
-                problems.append(
-                    f"{ref}: voxel grid differs from {first_ref.path.name}: {difference}. "
-                    f"Fix: co-register the sequences onto one grid (e.g. resample each onto the {modalities[0]})."
-                )
+                off_grid.append(f"{ref}: voxel grid differs from {first_ref.path.name}: {difference}")
+        if off_grid:
+            problems.append(
+                f"case '{case.case_id}' ({case.root}): the sequences are on different voxel grids (raw scans, not "
+                "co-registered):\n  " + "\n  ".join(off_grid) + "\nFix: run with --raw (co-registration, brain "
+                "extraction and resampling to 1 mm; Python: raw=True), or co-register the sequences to one grid "
+                "yourself."
+            )
         seg_img = None
         if case.seg is not None and with_seg is not False:
             seg_img = open_nifti(case.seg, "segmentation")
@@ -236,6 +236,13 @@ class NiftiLayout(Layout):
         return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
                       reference=first, seg=seg, brain_mask=brain_mask, warnings=findings.warnings)
 
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        self.require(case, [modality])
+        ref = case.images[modality]
+        image = open_nifti(ref, f"{modality} image")
+        spatial_shape(image, ref)  # a 4D file is accepted only as one channel (MSD)
+        return read_nifti(image, ref), image
+
     # ------------------------------------------------------------------------------------- outputs
 
     def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
@@ -248,11 +255,18 @@ class NiftiLayout(Layout):
                      overwrite: bool) -> None:
         nib.save(prediction.labels, str(stack.enter_context(atomic_path(files[self.label_key], overwrite))))
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution."""
-        task = prediction.task
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
+        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution, titled with
+        their positions in mm and slice numbers in the file, with the headline volumes."""
+        task, reference = prediction.task, prediction.volume.reference
+        ras_affine = reference.affine @ nib.orientations.inv_ornt_aff(nib.io_orientation(reference.affine),
+                                                                       reference.shape[:3])
+        voxels = task.volume_voxels(prediction.internal)
+        volumes = " · ".join(f"{key} {voxels[key] * prediction.volume.voxel_ml:.1f} mL" for key in task.headline)
         return overlay_png(prediction.ras(background), prediction.ras(prediction.internal), prediction.ras_spacing,
-                           title, task.legend, task.colours), []
+                           title, task.legend, task.colours, ras_affine=ras_affine, file_affine=reference.affine,
+                           volumes_text=volumes, radiological=radiological), []
 
     # ------------------------------------------------------------------------------------- labels back
 

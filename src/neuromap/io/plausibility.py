@@ -72,9 +72,16 @@ def check_distinct_files(refs: Mapping[str, ImageRef]) -> None:
         seen[key] = modality
 
 
+def check_sequence(data: np.ndarray, modality: str, source: str) -> Findings:
+    """The rules one sequence can be judged by alone (raw scans, each on its own grid, are checked this way)."""
+    findings = Findings([], [])
+    _check_one(data, modality, source, findings)
+    return findings
+
+
 def check_sequences(channels: Sequence[np.ndarray], modalities: Sequence[str], sources: Sequence[str]) -> Findings:
-    """Check each sequence alone, then the sequences against each other (see the module doc for the rules).
-    ``sources`` name each channel's file or series in the messages."""
+    """Check each sequence alone, then the sequences against each other and the case's background (see the
+    module doc for the rules). ``sources`` name each channel's file or series in the messages."""
     findings = Findings([], [])
     usable = [i for i, (data, mod, source) in enumerate(zip(channels, modalities, sources, strict=True))
               if _check_one(data, mod, source, findings)]
