@@ -37,6 +37,7 @@ from neuromap.io import Case, Volume, atomic_path, cases_from_inputs, duplicate_
 from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
 from neuromap.prepare_raw import RawOptions, as_raw
@@ -280,6 +281,7 @@ class Segmenter:
             )
         files: dict[str, Path] = {}
         if output_dir is not None:
+            check_writable_folder(output_dir, "segmentation outputs")
             files = layout.output_files(case, Path(output_dir), self.optional)
             _guard_outputs(case, layout.planned_writes(case, Path(output_dir), self.optional), overwrite)
         stage("reading")

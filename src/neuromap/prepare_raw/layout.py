@@ -52,16 +52,16 @@ class RawLayout(Layout):
 
     # ------------------------------------------------------------------------------------- loading
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> RawVolume | None:
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> RawVolume:
         modalities = list(modalities or self.modalities or case.modalities)
         if with_seg:
             raise NeuroMapError(f"case '{case.case_id}': raw scans are segmented, not used as ground truth.")
-        if check_only:
-            read_sequences(case, modalities, self.base)
-            return None
         return prepare_raw(case, modalities, self.options, self.base).volume
+
+    def check(self, case: Case, modalities: list[str] | None = None) -> list[str]:
+        """Each sequence read and checked alone, without registration or brain extraction."""
+        sequences = read_sequences(case, list(modalities or self.modalities or case.modalities), self.base)
+        return [*self.base.notes(case), *(w for s in sequences.values() for w in s.warnings)]
 
     def output_grid(self, volume: RawVolume, internal: np.ndarray) -> tuple[RawVolume, np.ndarray]:
         """The reference sequence's own grid (its array, header and affine) and the labels on it."""

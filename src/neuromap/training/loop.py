@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from neuromap.config import InferenceConfig, TrainConfig
 from neuromap.errors import NeuroMapError
 from neuromap.inference import predict_probs
 from neuromap.io.atomic import atomic_path
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.tasks import task_of
 from neuromap.training.data import (
     PatchDataset,
@@ -127,16 +127,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         raise NeuroMapError(f"{last_path}: nothing to resume (no last checkpoint). Fix: start without --resume.")
     if not resume and last_path.exists():
         raise NeuroMapError(f"{run_dir}: a run already exists there. Fix: --resume it, or set another output_dir.")
-    # Data first, folder second: a missing data root or an impossible split leaves no empty run folder behind.
+    check_writable_folder(run_dir, "training run")  # before any data is prepared or any epoch is spent
+
     cases = find_training_cases(cfg.data_roots)
     split = split_cases([c.case_id for c in cases], cfg.split, cfg.seed)
-    if rank == 0:
-        _check_writable(run_dir)
-        write_split(run_dir / "split.json", split)
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     by_id = {c.case_id: c for c in cases}
     train_cases = [prepare_case(by_id[i], cfg) for i in split["train"]]
     val_cases = [prepare_case(by_id[i], cfg) for i in split["val"]] if rank == 0 else []
+    # Data first, folder second: a missing data root, an impossible split or an unusable case leaves no run folder.
+    if rank == 0:
+        _open_run_folder(run_dir)
+        write_split(run_dir / "split.json", split)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     spec = ModelSpec(cfg.model, cfg.preprocess, cfg.task, tuple(cfg.patch_size), cfg.out_channels)
     model = spec.build()
@@ -268,13 +270,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     return RunResult(run_dir, best_path, state["best_epoch"], state["best"], state["epoch"], stopped)
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Refuse an output folder that cannot take files before any data is prepared or any epoch is spent, and
+def _open_run_folder(run_dir: Path) -> None:
+    """Create the run folder (its writability was checked before the data was read, `check_writable_folder`) and
     clear temporary checkpoint files a killed run left behind (``atomic_path`` names them ``.<name>.*.part*``)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
         for stale in run_dir.glob(".*.pt.*.part*"):
             stale.unlink()
     except OSError as exc:
