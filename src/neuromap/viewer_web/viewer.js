@@ -98,6 +98,7 @@ function updateReadout(location) {
   const at = item ? item.name : "no tumour label";
   document.getElementById("readout").innerHTML = `${parts.join(" &middot; ")}<br>Crosshair voxel ` +
     `(${voxel.join(", ")}) of the uploaded grid: <span data-testid="label-here">${at}</span>`;
+  publishTiles(); // NiiVue has just drawn: its tile positions are current
 }
 
 function updateConvention() {
