@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from neuromap.errors import NeuroMapError
+from neuromap.options import FOLD, PORT, SLICE, THREADS, UPLOAD_MB, VOXEL_SIZE
 
 EXIT_USER_ERROR = 2
 
@@ -76,11 +77,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     from neuromap.prepare_raw import RawOptions, as_raw
 
                     case = as_raw(case, RawOptions())
-                validate_case(case, modalities)
+                warnings = validate_case(case, modalities)
                 models = _runnable_models(case, args.model)
                 seg = f", segmentation {case.seg.path.name}" if case.seg else ""
                 naming = f"{case.naming}, raw" if args.raw else case.naming
                 print(f"OK   {case.case_id} [{naming}] {', '.join(case.modalities)}{seg}\n     {models}")
+                for warning in warnings:
+                    print(f"     warning: {warning}")
             except NeuroMapError as exc:
                 failures += 1
                 print(f"FAIL {case.case_id}:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
@@ -88,15 +91,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from neuromap.config import PreprocessConfig
+    from neuromap.config import PreprocessConfig, parse_config
     from neuromap.io import cases_from_inputs, load_case
     from neuromap.preprocess import prepare
 
-    cfg = PreprocessConfig(
-        modalities=args.modalities.split(",") if args.modalities else PreprocessConfig().modalities,
-        n4=args.n4, spacing=tuple(args.spacing) if args.spacing else None, mode=args.mode,
-        slice_range=tuple(args.slice_range) if args.slice_range else None, normalize=not args.no_zscore,
-    )
+    cfg = parse_config({
+        "modalities": args.modalities.split(",") if args.modalities else PreprocessConfig().modalities,
+        "n4": args.n4, "spacing": args.spacing, "mode": args.mode, "slice_range": args.slice_range,
+        "normalize": not args.no_zscore,
+    }, PreprocessConfig, source="preprocess options")
     with cases_from_inputs(args.paths, _parse_map(args.map)) as cases:
         for case in cases:
             volume = load_case(case, cfg.modalities)
@@ -107,7 +110,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                 "input_spacing_mm": list(volume.spacing), "orientation": "reoriented to RAS",
                 "crop_bbox_ras": [list(b) for b in inv.bbox], "prepared_shape": list(prepared.image.shape),
                 "prepared_spacing_mm": [round(s, 3) for s in prepared.spacing], "z_score": cfg.normalize,
-                "n4": cfg.n4,
+                "n4": cfg.n4, "warnings": volume.warnings,
             }))
     return 0
 
@@ -170,7 +173,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.segmenter import Segmenter
 
     options = {"tta": args.tta, "device": args.device, "threads": args.threads, "workers": args.workers,
-               "engine": args.engine}
+               "engine": args.engine,
+               "picture_convention": "neurological" if args.neurological else None}
     cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
                        source="neuromap segment options")
     raw = _raw_options(args)
@@ -273,8 +277,6 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
-    if args.max_upload_mb <= 0:
-        raise NeuroMapError(f"--max-upload-mb must be positive, got {args.max_upload_mb}.")
     env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb)}
     if args.model:
         if not is_model(args.model):
@@ -320,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities")
     p.add_argument("--map", nargs="+")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction (SimpleITK)")
-    p.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", nargs=3, type=VOXEL_SIZE, metavar=("X", "Y", "Z"), help="resample to this voxel "
+                   "size in mm (0.1-10)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
-    p.add_argument("--slice-range", nargs=2, type=int, metavar=("START", "STOP"),
+    p.add_argument("--slice-range", nargs=2, type=SLICE, metavar=("START", "STOP"),
                    help="2D mode: axial slices [START, STOP) of the RAS volume (the seed design used 60 135)")
     p.add_argument("--no-zscore", action="store_true", help="skip z-scoring (data already normalised)")
     p.set_defaults(func=cmd_preprocess)
@@ -332,12 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
     p.add_argument("--output-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--fold", type=int, help="train this cross-validation fold (k-fold split, folder fold_K)")
+    p.add_argument("--fold", type=FOLD, help="train this cross-validation fold (k-fold split, folder fold_K)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="cross-validation: train every fold (resumable), score every case out of fold")
     p.add_argument("config")
-    p.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all)")
+    p.add_argument("--folds", type=FOLD, nargs="+", help="only these folds (default: all)")
     p.add_argument("--output-dir")
     p.add_argument("--evaluate-only", action="store_true", help="skip training; score the trained folds")
     p.add_argument("--no-hd95", action="store_true")
@@ -369,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=THREADS)
     p.add_argument("--workers", type=int, metavar="N", help="batches: cases read ahead in background threads "
                    "while the model runs (default 1, 0 = none; each holds one case in memory)")
     p.add_argument("--engine", choices=["auto", "torch", "torch-compile", "onnxruntime", "openvino"], default="auto",
@@ -380,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--part-id", type=int, metavar="K", help="which part, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
     cluster.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs are "
                          "complete; redo the others (replacing partial outputs of an interrupted run)")
+    p.add_argument("--neurological", action="store_true",
+                   help="overlay PNG in neurological convention (patient's right on the image's right); "
+                   "default radiological (patient's right on the left, as PACS show it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)
@@ -414,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("app", help="start the web app (Streamlit) on localhost")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--max-upload-mb", type=float, default=300, help="upload limit per case in MB (default 300)")
+    p.add_argument("--port", type=PORT, default=8501)
+    p.add_argument("--max-upload-mb", type=UPLOAD_MB, default=300, help="upload limit per case in MB (default 300)")
     p.add_argument("--model", help="also offer this checkpoint path (or shipped model name) in the model list")
     p.set_defaults(func=cmd_app)
     return parser

@@ -37,6 +37,7 @@ from neuromap.io import Case, Volume, atomic_path, cases_from_inputs, duplicate_
 from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
 from neuromap.prepare_raw import RawOptions, as_raw
@@ -57,6 +58,12 @@ class SegmentResult:
     files: dict[str, Path] = field(default_factory=dict)  # label output, "report.json", "overlay.png"
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
     skipped: bool = False  # resume: its outputs were complete, so it was not segmented again (report read back)
+
+    def show(self, radiological: bool = True, height: int = 480):
+        """Show the result in a Jupyter notebook: NiiVue viewer, or the overlay picture (`neuromap.notebook`)."""
+        from neuromap.notebook import show
+
+        return show(self, radiological, height)
 
 
 @dataclass
@@ -243,10 +250,14 @@ class Segmenter:
         finally:  # an error or an abandoned batch: reads not started are dropped, running ones finish
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def segment_case(self, case: Case, output_dir: str | Path | None = None, overwrite: bool = False) -> SegmentResult:
+    def segment_case(self, case: Case, output_dir: str | Path | None = None, overwrite: bool = False,
+                     on_stage: Callable[[str], None] | None = None) -> SegmentResult:
         """Segment one case. With ``output_dir``, write its layout's outputs (label output, ``<case>_report.json``,
-        ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together."""
-        return self._finish(self._read(case, output_dir, overwrite), overwrite)
+        ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together.
+        ``on_stage`` hears each stage as it starts ("reading", "preparing", "model", "writing"), e.g. for the web
+        app's progress bar."""
+        stage = on_stage or (lambda name: None)
+        return self._finish(self._read(case, output_dir, overwrite, stage), overwrite, stage)
 
     def _as_segmented(self, case: Case) -> tuple[Case, list[Path], list[tuple[Runner, ModelSpec]]]:
         """``case`` as this segmenter reads it (raw scans wear a `RawLayout` for the model's sequences), with
@@ -257,7 +268,8 @@ class Segmenter:
             case = as_raw(case, self.raw, models[0][1].modalities)
         return case, model_files, models
 
-    def _read(self, case: Case, output_dir: str | Path | None, overwrite: bool) -> _Read:
+    def _read(self, case: Case, output_dir: str | Path | None, overwrite: bool,
+              stage: Callable[[str], None] = lambda name: None) -> _Read:
         """The reading stage: model choice, output checks, then load and prepare (see the module docstring)."""
         t0 = time.perf_counter()
         case, model_files, models = self._as_segmented(case)
@@ -269,23 +281,29 @@ class Segmenter:
             )
         files: dict[str, Path] = {}
         if output_dir is not None:
+            check_writable_folder(output_dir, "segmentation outputs")
             files = layout.output_files(case, Path(output_dir), self.optional)
             _guard_outputs(case, layout.planned_writes(case, Path(output_dir), self.optional), overwrite)
+        stage("reading")
         volume = layout.load(case, spec.modalities, with_seg=False)
+        stage("preparing")
         t1 = time.perf_counter()
         prepared = prepare(volume, spec.preprocess)
         timings = {"load_s": t1 - t0, "preprocess_s": time.perf_counter() - t1}
         return _Read(case, model_files, models, files, volume, prepared, timings, t0)
 
-    def _finish(self, read: _Read, overwrite: bool) -> SegmentResult:
+    def _finish(self, read: _Read, overwrite: bool, stage: Callable[[str], None] = lambda name: None
+                ) -> SegmentResult:
         """The model stage and everything after it, for a case `_read` prepared."""
         cfg, case, volume, files, timings = self.cfg, read.case, read.volume, read.files, read.timings
         layout, models = case.layout, read.models
         spec = models[0][1]
         task = task_of(spec)
+        stage("model")
         t1 = time.perf_counter()
         probs = predict_probs(models, read.prepared.image, cfg, device=self.device)
         timings["inference_s"] = time.perf_counter() - t1
+        stage("writing")
         t1 = time.perf_counter()
         inverse = read.prepared.inverse
         internal, notes = postprocess(labels_in_input_grid(probs, inverse, task),
@@ -308,7 +326,8 @@ class Segmenter:
             t1 = time.perf_counter()
             shown = "flair" if "flair" in volume.modalities else volume.modalities[0]
             png, picture_notes = layout.picture(prediction, volume.image[volume.modalities.index(shown)],
-                                                f"{case.case_id} ({shown}) - {spec.model.name}")
+                                                f"{case.case_id} ({shown}) - {spec.model.name}",
+                                                cfg.picture_convention == "radiological")
             warnings += picture_notes
             timings["overlay_s"] = time.perf_counter() - t1
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

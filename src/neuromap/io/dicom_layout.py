@@ -33,6 +33,7 @@ from neuromap.io.dicom_map import map_study
 from neuromap.io.dicom_seg import write_dicom_seg
 from neuromap.io.layout import LabelFile, Prediction
 from neuromap.io.nifti import NiftiLayout
+from neuromap.io.plausibility import check_sequences
 
 DICOM_SEG = "seg.dcm"
 
@@ -76,11 +77,9 @@ class DicomLayout(NiftiLayout):
 
     # ------------------------------------------------------------------------------------- loading
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
         """Check and read the series into a `Volume` in the reference series' grid; the study's mapping
-        warnings (sequences not found) come with it.
+        warnings (sequences not found) and the plausibility warnings (`neuromap.io.plausibility`) come with it.
 
         All series must share one grid: segmenting series from different grids needs raw-scan preparation
         (co-registration), which is a separate step, so it is refused here with that fix in the message."""
@@ -99,17 +98,14 @@ class DicomLayout(NiftiLayout):
                 f"{reference.label()}; different: {'; '.join(off_grid)}). Segmenting them needs raw-scan preparation "
                 "(co-registration to the reference sequence). Fix: run with --raw, or map series acquired on one grid."
             )
-        if check_only:
-            return None
         with ThreadPoolExecutor(max_workers=min(2, len(series))) as pool:
             channels = list(pool.map(read_series, series))
-        problems = [f"DICOM series {s.label()}: {why}" for s, data in zip(series, channels, strict=True)
-                    for why in (["contains NaN or infinite values"] if not np.all(np.isfinite(data)) else
-                                ["is all zero (empty)"] if not data.any() else [])]
-        if problems:
-            raise NeuroMapError("\n".join(problems))
+        findings = check_sequences(channels, modalities, [f"DICOM series {s.label()}" for s in series])
+        if findings.problems:
+            raise NeuroMapError("\n".join(findings.problems))
         return Volume(case=case, image=np.stack(channels), modalities=modalities,
-                      reference=reference_image(reference), warnings=self.notes(case))
+                      reference=reference_image(reference),
+                      warnings=[*self.notes(case), *findings.warnings])
 
     def require(self, case: Case, modalities: list[str]) -> None:
         missing = [m for m in modalities if m not in case.images]

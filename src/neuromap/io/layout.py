@@ -89,12 +89,17 @@ class Layout:
         """The cases of a folder this layout claims."""
         raise NotImplementedError
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
-        """Validate and load; every problem is raised together in one NeuroMapError. ``with_seg`` None loads the
-        segmentation when there is one, True requires it, False skips it. ``check_only`` returns None."""
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
+        """Validate and load; every problem is raised together in one NeuroMapError, what is merely odd goes to
+        the volume's ``warnings``. ``with_seg`` None loads the segmentation when there is one, True requires it,
+        False skips it."""
         raise NotImplementedError
+
+    def check(self, case: Case, modalities: list[str] | None = None) -> list[str]:
+        """Validate without segmenting (``neuromap validate``): every problem raised together, the warnings a
+        segmentation would report returned. A full `load` by default, since the values are part of what is
+        checked; layouts whose loading does more than reading (raw scans: registration) check less."""
+        return self.load(case, modalities).warnings
 
     def require(self, case: Case, modalities: list[str]) -> None:
         """Raise the user's message when ``case`` lacks any of ``modalities``."""
@@ -137,8 +142,10 @@ class Layout:
         """Write the labels under temporary names that ``stack`` renames together with the other outputs."""
         raise NotImplementedError
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        """The overview PNG and any warnings about it."""
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
+        """The overview PNG (left-right as ``radiological`` says, where the layout knows the orientation) and any
+        warnings about it."""
         raise NotImplementedError
 
     def report_extra(self, prediction: Prediction) -> dict:

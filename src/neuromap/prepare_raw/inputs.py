@@ -2,13 +2,13 @@
 
 A raw case is any case NeuroMap can discover as 3D scans (NIfTI files in a supported naming, a `--map`, or a DICOM
 study): its layout reads each sequence alone (`Layout.read_sequence`), and only the check that every sequence
-shares one grid is dropped. Each sequence is still checked on its own (readable, 3D, finite, not empty) and all
-problems are reported together.
+shares one grid is dropped. Each sequence is still checked on its own (readable, 3D, more than one slice, and a
+plausible MRI sequence: `neuromap.io.plausibility.check_sequence`) and all problems are reported together.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from neuromap.errors import NeuroMapError
 from neuromap.io.case import Case
 from neuromap.io.layout import Layout
+from neuromap.io.plausibility import check_sequence
 from neuromap.prepare_raw.grid import to_sitk
 
 REFERENCE_ORDER = ("t1ce", "flair")  # the sharpest tumour contrast first; as DICOM studies choose theirs
@@ -30,6 +31,7 @@ class Sequence:
     affine: np.ndarray
     source: str
     header: nib.Nifti1Image  # its grid's image: the reference sequence's header and affine are the outputs'
+    warnings: list[str] = field(default_factory=list)  # what is odd about its values (`check_sequence`)
 
     def sitk(self):
         return to_sitk(self.array, self.affine, self.source)
@@ -70,12 +72,12 @@ def read_sequences(case: Case, modalities: list[str], layout: Layout) -> dict[st
         if seq.array.ndim != 3:
             problems.append(f"{seq.source}: image is {seq.array.ndim}D with shape {seq.array.shape}; a 3D volume "
                             "is required.")
-        elif not np.all(np.isfinite(seq.array)):
-            problems.append(f"{seq.source}: contains NaN or infinite values. Fix: re-export the {modality} image.")
-        elif not np.any(seq.array):
-            problems.append(f"{seq.source}: the {modality} image is all zero (empty).")
         elif min(seq.array.shape) < 2:
             problems.append(f"{seq.source}: a single slice ({seq.array.shape}); a volume is required.")
+        else:
+            findings = check_sequence(seq.array, modality, seq.source)
+            problems += findings.problems
+            seq.warnings = findings.warnings
     if problems:
         raise NeuroMapError("\n".join(problems))
     for seq in sequences.values():

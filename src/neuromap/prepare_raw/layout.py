@@ -52,16 +52,16 @@ class RawLayout(Layout):
 
     # ------------------------------------------------------------------------------------- loading
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> RawVolume | None:
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> RawVolume:
         modalities = list(modalities or self.modalities or case.modalities)
         if with_seg:
             raise NeuroMapError(f"case '{case.case_id}': raw scans are segmented, not used as ground truth.")
-        if check_only:
-            read_sequences(case, modalities, self.base)
-            return None
         return prepare_raw(case, modalities, self.options, self.base).volume
+
+    def check(self, case: Case, modalities: list[str] | None = None) -> list[str]:
+        """Each sequence read and checked alone, without registration or brain extraction."""
+        sequences = read_sequences(case, list(modalities or self.modalities or case.modalities), self.base)
+        return [*self.base.notes(case), *(w for s in sequences.values() for w in s.warnings)]
 
     def output_grid(self, volume: RawVolume, internal: np.ndarray) -> tuple[RawVolume, np.ndarray]:
         """The reference sequence's own grid (its array, header and affine) and the labels on it."""
@@ -96,12 +96,13 @@ class RawLayout(Layout):
         for m, image in (prep.prepared_images().items() if self.options.save_prepared else ()):
             nib.save(image, str(stack.enter_context(atomic_path(files[f"{m}_prepared.nii.gz"], overwrite))))
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
         """The found layout's picture of the working-grid labels over ``background``, a working-grid sequence."""
         prep = _preparation(prediction.volume)
         on_working_grid = dataclasses.replace(prediction, internal=prep.working_labels)
         return self.base.picture(on_working_grid, background,
-                                 f"{title} - raw scans co-registered to {prep.reference}, 1 mm")
+                                 f"{title} - raw scans co-registered to {prep.reference}, 1 mm", radiological)
 
     def report_extra(self, prediction: Prediction) -> dict:
         prep = _preparation(prediction.volume)

@@ -162,7 +162,9 @@ def prepare_raw(case: Case, modalities: list[str], options: RawOptions, layout: 
     image[:, ~mask] = 0  # skull and background gone, as in the prepared (BraTS-style) inputs the models know
     reference = grid.nifti_on(prep._grid, np.broadcast_to(np.uint8(0), mask.shape), np.uint8)
     prep.volume = RawVolume(case=case, image=image, modalities=list(modalities), reference=reference,
-                            brain_mask=mask, warnings=[*layout.notes(case), *prep.warnings], preparation=prep)
+                            brain_mask=mask, preparation=prep, warnings=[
+                                *layout.notes(case), *(w for s in prep.sequences.values() for w in s.warnings),
+                                *prep.warnings])
     return prep
 
 
