@@ -44,6 +44,7 @@ def evaluate(*args, **kwargs):
 
 
 def validate_case(case, modalities=None):
+    """Raise NeuroMapError naming every problem of ``case``; else return its warnings (`neuromap.io.validate_case`)."""
     from neuromap.io import validate_case as _validate
 
     return _validate(case, modalities)

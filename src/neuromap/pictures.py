@@ -7,6 +7,7 @@ import io as _io
 
 import numpy as np
 
+from neuromap.glyphs import drawable
 from neuromap.report import RESEARCH_NOTICE
 
 TRUTH_COLOUR = (0.2, 0.9, 1.0)
@@ -35,6 +36,12 @@ def _png(fig) -> bytes:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _suptitle(fig, text: str, fontsize: float) -> None:
+    """The figure title in fonts that draw every character of it (case names may be in any script)."""
+    shown, families = drawable(text)
+    fig.suptitle(shown, fontsize=fontsize, fontfamily=families)
 
 
 def tumour_centre(labels: np.ndarray) -> tuple[int, int, int]:
@@ -113,7 +120,7 @@ def overlay_png(background: np.ndarray, labels: np.ndarray, spacing: tuple[float
     convention = ("radiological: patient's right on the image's left" if radiological
                   else "neurological: patient's right on the image's right")
     lines = [title, f"{volumes_text}  ({convention})" if volumes_text else f"({convention})", RESEARCH_NOTICE]
-    fig.suptitle("\n".join(lines), fontsize=10)
+    _suptitle(fig, "\n".join(lines), 10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _png(fig)
 
@@ -183,6 +190,5 @@ def montage_png(background: np.ndarray, labels: np.ndarray, slice_names: list[st
         handles.append(Line2D([], [], color=TRUTH_COLOUR, label="ground truth (outline)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
     with_abnormality = "with abnormality" if labels.any() or (truth is not None and truth.any()) else "(middle)"
-    fig.suptitle(f"{title}\n{len(shown)} slices {with_abnormality} of {labels.shape[-1]}. {RESEARCH_NOTICE}",
-                 fontsize=9)
+    _suptitle(fig, f"{title}\n{len(shown)} slices {with_abnormality} of {labels.shape[-1]}. {RESEARCH_NOTICE}", 9)
     return _png(fig)
