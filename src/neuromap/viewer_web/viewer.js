@@ -259,7 +259,7 @@ async function render(newArgs) {
     backColor: [0, 0, 0, 1], crosshairColor: [1, 1, 0, 0.8], isRadiologicalConvention: args.radiological,
     multiplanarShowRender: SHOW_RENDER.NEVER, multiplanarLayout: MULTIPLANAR_TYPE.AUTO,
     isOrientationTextVisible: true, showAllOrientationMarkers: true, dragMode: DRAG_MODE.windowing,
-    isNearestInterpolation: false, sagittalNoseLeft: true, tileMargin: 8,
+    isNearestInterpolation: false, sagittalNoseLeft: true, tileMargin: 8, fontMinPx: 15,
   });
   await nv.attachTo("slices");
   // Every addVolume recomposites the volumes on the GPU (seconds each on a software GPU), so the label colours
