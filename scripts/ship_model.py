@@ -81,7 +81,8 @@ def main() -> None:
         "file": target.name, "modalities": spec.modalities, "task": spec.task, "architecture": spec.model.name,
         "card": f"{args.name}.md",
         # the model choice breaks ties with this Dice: out of fold for cross-validated recipes
-        "val_dice": {r["structure"]: round(r["metrics"]["dice"]["mean"], 4)
+        # 6 places: rounded again to the card's 3, it must give the card's digits (0.7915 would not)
+        "val_dice": {r["structure"]: round(r["metrics"]["dice"]["mean"], 6)
                      for r in held_out["structures"] if r["kind"] == "region"},
         "n_val": held_out["n_cases"],
         "val_kind": "cross-validation, out of fold" if args.cv else "validation split",

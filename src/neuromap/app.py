@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,7 +297,7 @@ def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: 
         st.session_state.run_error = web_message(str(exc), ws.root, names)
         return
     progress.bar.progress(1.0, text=f"Done: {result.case_id} in {time.monotonic() - progress.start:.0f} s")
-    report = web_report(result, uploaded)
+    report = web_report(result, uploaded, lambda text: web_message(text, ws.root, names))
     st.session_state.result = {"run": st.session_state.get("runs", 0) + 1, "case_id": result.case_id,
                                "report": report, "files": dict(result.files),
                                "labels_output": str(result.labels_output), "inputs": dict(result.report["inputs"])}
@@ -304,10 +305,12 @@ def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: 
     st.session_state.scroll_to_result = True
 
 
-def web_report(result: SegmentResult, uploaded: dict[str, str]) -> dict:
+def web_report(result: SegmentResult, uploaded: dict[str, str], reword: Callable[[str], str]) -> dict:
     """The report a web user downloads: the sequences are named by the files they uploaded rather than by
-    paths in this server's temp folder. Rewritten in place (staged and renamed, like every output)."""
-    report = {**result.report, "inputs": {m: uploaded[m] for m in result.report["inputs"]}}
+    paths in this server's temp folder, in the inputs and in the warnings (``reword``). Rewritten in place
+    (staged and renamed, like every output)."""
+    report = {**result.report, "inputs": {m: uploaded[m] for m in result.report["inputs"]},
+              "warnings": [reword(w) for w in result.report["warnings"]]}
     with atomic_path(result.files["report.json"], overwrite=True) as target:
         target.write_text(json.dumps(report, indent=2))
     return report

@@ -59,6 +59,12 @@ class SegmentResult:
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
     skipped: bool = False  # resume: its outputs were complete, so it was not segmented again (report read back)
 
+    def show(self, radiological: bool = True, height: int = 480):
+        """Show the result in a Jupyter notebook: NiiVue viewer, or the overlay picture (`neuromap.notebook`)."""
+        from neuromap.notebook import show
+
+        return show(self, radiological, height)
+
 
 @dataclass
 class _Read:
@@ -72,12 +78,6 @@ class _Read:
     prepared: Prepared
     timings: dict[str, float]
     started: float  # perf_counter() when reading began
-
-    def show(self, radiological: bool = True, height: int = 480):
-        """Show the result in a Jupyter notebook: NiiVue viewer, or the overlay picture (`neuromap.notebook`)."""
-        from neuromap.notebook import show
-
-        return show(self, radiological, height)
 
 
 def inference_config(cfg: InferenceConfig | None, options: Mapping[str, object]) -> InferenceConfig:

@@ -96,12 +96,13 @@ class RawLayout(Layout):
         for m, image in (prep.prepared_images().items() if self.options.save_prepared else ()):
             nib.save(image, str(stack.enter_context(atomic_path(files[f"{m}_prepared.nii.gz"], overwrite))))
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
         """The found layout's picture of the working-grid labels over ``background``, a working-grid sequence."""
         prep = _preparation(prediction.volume)
         on_working_grid = dataclasses.replace(prediction, internal=prep.working_labels)
         return self.base.picture(on_working_grid, background,
-                                 f"{title} - raw scans co-registered to {prep.reference}, 1 mm")
+                                 f"{title} - raw scans co-registered to {prep.reference}, 1 mm", radiological)
 
     def report_extra(self, prediction: Prediction) -> dict:
         prep = _preparation(prediction.volume)

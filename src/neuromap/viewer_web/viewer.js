@@ -98,6 +98,7 @@ function updateReadout(location) {
   const at = item ? item.name : "no tumour label";
   document.getElementById("readout").innerHTML = `${parts.join(" &middot; ")}<br>Crosshair voxel ` +
     `(${voxel.join(", ")}) of the uploaded grid: <span data-testid="label-here">${at}</span>`;
+  publishTiles(); // NiiVue has just drawn: its tile positions are current
 }
 
 function updateConvention() {
@@ -258,7 +259,7 @@ async function render(newArgs) {
     backColor: [0, 0, 0, 1], crosshairColor: [1, 1, 0, 0.8], isRadiologicalConvention: args.radiological,
     multiplanarShowRender: SHOW_RENDER.NEVER, multiplanarLayout: MULTIPLANAR_TYPE.AUTO,
     isOrientationTextVisible: true, showAllOrientationMarkers: true, dragMode: DRAG_MODE.windowing,
-    isNearestInterpolation: false, sagittalNoseLeft: true, tileMargin: 8,
+    isNearestInterpolation: false, sagittalNoseLeft: true, tileMargin: 8, fontMinPx: 15,
   });
   await nv.attachTo("slices");
   // Every addVolume recomposites the volumes on the GPU (seconds each on a software GPU), so the label colours
