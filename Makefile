@@ -31,6 +31,7 @@ bench: setup
 	$(PY) benchmarks/segment_speed.py
 	$(PY) benchmarks/engines.py
 	$(PY) benchmarks/lgg_load.py
+	$(PY) benchmarks/skip_slices.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
