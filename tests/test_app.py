@@ -130,6 +130,10 @@ def test_upload_segment_table_and_downloads(app, media, tmp_path):
     expected = [f"{report['volumes_ml'][k]:.2f}" for k in ("NCR", "ED", "ET", "WT", "TC")]
     assert list(table["Volume (mL)"]) == expected
     assert report["research_use_only"] and report["case_id"] == "Syn_007"
+    # The quality estimate is shown with its flag and reasons (the test model is uncalibrated: no score, review).
+    assert "Quality estimate" in [h.value for h in app.subheader]
+    assert "Estimated mean Dice not available: **review this result**" in text_of(app.warning)
+    assert report["quality"]["reasons"][0] in text_of(app.warning)
 
     source = nib.load(str(case / "Syn_007_t1.nii.gz"))
     labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))

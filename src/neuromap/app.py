@@ -221,6 +221,7 @@ def results_panel(result: dict) -> None:
     wrote, byte for byte)."""
     report, task = result["report"], result_task(result)
     volumes = report["volumes_ml"]
+    quality_panel(report["quality"])
     st.subheader("Volumes")
     st.table({"Region": [s.name for s in task.structures],
               "Volume (mL)": [f"{volumes[s.key]:.2f}" for s in task.structures],
@@ -243,6 +244,23 @@ def results_panel(result: dict) -> None:
     values = ", ".join(f"{value} {task.short_names[internal]}"
                        for value, internal in CONVENTIONS[convention].items() if internal)
     st.caption(f"Labels in the NIfTI: {values} ({convention} convention).")
+
+
+def quality_panel(quality: dict) -> None:
+    """The case's quality estimate (`neuromap.quality`): the score, the flag and why, and where the score comes
+    from, so a user knows which results to check first."""
+    st.subheader("Quality estimate")
+    score = "not available" if quality["score"] is None else f"{quality['score']:.2f}"
+    text = f"Estimated mean Dice {score}: **{'OK' if quality['flag'] == 'ok' else 'review this result'}**"
+    if quality["flag"] == "ok":
+        st.success(text, icon=":material/check_circle:")
+    else:
+        st.warning(text + "\n\n" + "\n".join(f"- {reason}" for reason in quality["reasons"]),
+                   icon=":material/flag:")
+    calibration = quality.get("calibration")
+    if calibration:
+        st.caption(f"An estimate, not a measurement: fitted on {calibration['fitted_on']}; leave-one-out Spearman "
+                   f"correlation with true Dice {calibration['loo_spearman']:.2f} (n = {calibration['n']}).")
 
 
 # ---------------------------------------------------------------------------------------------------- page

@@ -159,15 +159,19 @@ def _volumes_text(report: dict) -> str:
 def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.config import InferenceConfig
     from neuromap.io import cases_from_inputs
+    from neuromap.quality import quality_text
     from neuromap.segmenter import Segmenter
 
-    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads)
+    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads, uncertainty=args.uncertainty,
+                          probabilities=args.probabilities)
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
         segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
         results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
     for r in results:
-        print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
-              f"-> {r.labels_output}")
+        print(f"{r.case_id}: {_volumes_text(r.report)}; {quality_text(r.report['quality'])} "
+              f"({r.report['timings_s']['total_s']:.1f} s) -> {r.labels_output}")
+        for reason in r.report["quality"]["reasons"]:
+            print(f"  review: {reason}")
         for w in r.report["warnings"]:
             print(f"  warning: {w}")
     print("Research use only.")
@@ -314,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "exact description)")
     p.add_argument("--dicom-seg", action="store_true", help="DICOM input: also write <case>_seg.dcm (DICOM SEG)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <case>_uncertainty.nii.gz (input grid): per-voxel entropy of the probabilities, "
+                   "uint8 = round(255 x), the measure named in the report")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz (input grid, 4D): each region's (or tumour class's) "
+                   "probability, uint8 = round(255 p)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")

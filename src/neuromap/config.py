@@ -277,3 +277,6 @@ class InferenceConfig(Strict):
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    uncertainty: bool = Field(False, description="also write <case>_uncertainty.nii.gz (`neuromap.uncertainty`)")
+    probabilities: bool = Field(False, description="also write <case>_probabilities.nii.gz, one channel per "
+                                "region or tumour class, uint8 = round(255 p)")

@@ -3,8 +3,9 @@ then cases one by one or in a batch. The CLI, ``neuromap.segment()``, the web ap
 it the same way, so no option is decided in two places.
 
 One path per case: load (validated, by the case's layout) -> prepare -> model(s) -> probabilities -> labels in
-the input grid (`neuromap.export`) -> postprocess (`neuromap.postprocess`) -> report -> outputs written by the
-layout, staged under temporary names and renamed together.
+the input grid (`neuromap.export`) -> postprocess (`neuromap.postprocess`) -> quality estimate (`neuromap.quality`)
+and requested uncertainty/probability maps (`neuromap.uncertainty`) -> report -> outputs written by the layout,
+staged under temporary names and renamed together.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -31,8 +33,10 @@ from neuromap.io.layout import Prediction
 from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
 from neuromap.preprocess import prepare
+from neuromap.quality import assess, quality_text
 from neuromap.report import case_report
 from neuromap.tasks import task_of
+from neuromap.uncertainty import map_images, report_entries, requested_maps
 from neuromap.zoo import resolve_model_paths, shipped_models
 
 ModelChoice = str | Path | list[str | Path] | None
@@ -45,6 +49,7 @@ class SegmentResult:
     report: dict
     files: dict[str, Path] = field(default_factory=dict)  # label output, "report.json", "overlay.png"
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
+    maps: dict[str, nib.Nifti1Image] = field(default_factory=dict)  # requested uncertainty/probability maps
 
 
 def inference_config(cfg: InferenceConfig | None, options: Mapping[str, object]) -> InferenceConfig:
@@ -73,7 +78,7 @@ class Segmenter:
             raise NeuroMapError(f"labels cannot be written as '{labels}'; choose one of {list(WRITABLE)}.")
         self.cfg = cfg or InferenceConfig()
         self.labels = labels
-        self.optional = (DICOM_SEG,) if dicom_seg else ()
+        self.optional = ((DICOM_SEG,) if dicom_seg else ()) + requested_maps(self.cfg)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.device = self._device(self.cfg.device)
@@ -129,10 +134,15 @@ class Segmenter:
         models = self._models(model_files)
         spec = models[0][1]
         task = task_of(spec)
-        if set(self.optional) - set(layout.optional_outputs):
+        if DICOM_SEG in self.optional and DICOM_SEG not in layout.optional_outputs:
             raise NeuroMapError(
                 f"case '{case.case_id}' ({case.root}): --dicom-seg needs a DICOM input (a DICOM SEG must reference "
                 "the source images). Fix: segment the DICOM study, or leave out --dicom-seg."
+            )
+        if set(self.optional) - set(layout.optional_outputs):
+            raise NeuroMapError(
+                f"case '{case.case_id}' ({case.root}): --uncertainty and --probabilities write NIfTI maps on the "
+                f"input's grid, which {layout.description} inputs do not have. Fix: leave them out for this case."
             )
         files: dict[str, Path] = {}
         if output_dir is not None:
@@ -159,14 +169,21 @@ class Segmenter:
         if not internal.any():
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device)
+        quality = assess(prepared, probs, single_pass, cfg.tta, internal, volume, spec, task)
+        maps = map_images(probs, inverse, task, volume.reference, requested_maps(cfg))
+        timings["quality_s"] = time.perf_counter() - t1
         report = case_report(volume, spec, task, model_files, cfg, convention, internal, warnings, str(self.device),
-                             layout.report_extra(prediction))
-        result = SegmentResult(case.case_id, prediction.labels, report)
+                             {**layout.report_extra(prediction), **report_entries(task, tuple(maps)),
+                              "quality": quality})
+        result = SegmentResult(case.case_id, prediction.labels, report, maps=maps)
         if files:
             t1 = time.perf_counter()
             shown = "flair" if "flair" in volume.modalities else volume.modalities[0]
             png, picture_notes = layout.picture(prediction, volume.image[volume.modalities.index(shown)],
-                                                f"{case.case_id} ({shown}) - {spec.model.name}")
+                                                f"{case.case_id} ({shown}) - {spec.model.name} - "
+                                                f"{quality_text(quality)}")
             warnings += picture_notes
             timings["overlay_s"] = time.perf_counter() - t1
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -174,6 +191,8 @@ class Segmenter:
             report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
             with contextlib.ExitStack() as stack:
                 layout.stage_labels(prediction, files, stack, overwrite)
+                for key, image in maps.items():
+                    nib.save(image, stack.enter_context(atomic_path(files[key], overwrite)))
                 stack.enter_context(atomic_path(files["overlay.png"], overwrite)).write_bytes(png)
                 report_file = stack.enter_context(atomic_path(files["report.json"], overwrite))
                 report_file.write_text(json.dumps(report, indent=2))
