@@ -6,6 +6,7 @@ import json
 from conftest import UNSEEN, needs_real_data
 
 from neuromap.checkpoint import ModelSpec, read_checkpoint
+from neuromap.cli import main
 from neuromap.quality import calibration_for, quality_text
 from neuromap.segmenter import segment
 from neuromap.zoo import shipped_models
@@ -34,13 +35,16 @@ def test_shipped_calibration_loads_and_applies_to_the_default_model():
     assert calibration.score({}) is None  # a missing signal gives no score, never a made-up one
 
 
-def test_uncalibrated_model_gets_no_score_and_review(tmp_path, tiny_checkpoint, synthetic_case):
-    (result,) = segment(synthetic_case, tmp_path, model=tiny_checkpoint)
-    quality = json.loads(result.files["report.json"].read_text())["quality"]
+def test_uncalibrated_model_gets_no_score_and_review(tmp_path, tiny_checkpoint, synthetic_case, capsys):
+    assert main(["segment", str(synthetic_case), "-o", str(tmp_path), "--model", str(tiny_checkpoint),
+                 "--quiet"]) == 0
+    quality = json.loads((tmp_path / "Synthetic_001_report.json").read_text())["quality"]
     assert quality["score"] is None and quality["flag"] == "review"
     assert "never calibrated" in quality["reasons"][0]
-    assert quality_text(quality) == "quality n/a REVIEW"
     assert 0 <= quality["signals"]["flip_dice"] <= 1
+    printed = capsys.readouterr().out  # the summary line shows the estimate, the reasons follow it
+    assert "Synthetic_001: WT " in printed and "; quality n/a REVIEW -> " in printed
+    assert f"  review: {quality['reasons'][0]}" in printed
 
 
 @needs_real_data
@@ -67,3 +71,13 @@ def test_swapped_sequences_get_a_lower_score_and_review(unseen_segmented):
     assert corrupt["signals"]["looks_like"] == {"t1": "t2", "t1ce": "flair", "t2": "t1", "flair": "t1ce"}
     assert not any("swapped" in reason for reason in clean["reasons"])
     assert corrupt["score"] is None or corrupt["score"] < clean["score"] - 0.05
+
+
+def test_signals_do_not_change_with_tta(tiny_checkpoint, synthetic_case):
+    """The score was fitted on single model passes; with --tta the output is the flip average, but the quality
+    signals must still come from the single unmirrored and mirrored passes."""
+    plain, = segment(synthetic_case, model=tiny_checkpoint)
+    averaged, = segment(synthetic_case, model=tiny_checkpoint, tta=True)
+    assert averaged.report["model"]["tta"] is True
+    for name in ("flip_dice", "tumour_entropy", "uncertain_ratio"):
+        assert averaged.report["quality"]["signals"][name] == plain.report["quality"]["signals"][name]

@@ -168,8 +168,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
         results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
     for r in results:
-        print(f"{r.case_id}: {_volumes_text(r.report)}; {quality_text(r.report['quality'])} "
-              f"({r.report['timings_s']['total_s']:.1f} s) -> {r.labels_output}")
+        print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s); "
+              f"{quality_text(r.report['quality'])} -> {r.labels_output}")
         for reason in r.report["quality"]["reasons"]:
             print(f"  review: {reason}")
         for w in r.report["warnings"]:
