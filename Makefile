@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[app,dev]"
+	$(PY) -m pip install -q -e ".[app,dev,onnx,openvino]"
 	touch $(STAMP)
 
 demo: setup
@@ -29,6 +29,7 @@ test: setup browser
 
 bench: setup
 	$(PY) benchmarks/segment_speed.py
+	$(PY) benchmarks/engines.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -81,7 +81,8 @@ def main() -> None:
         "file": target.name, "modalities": spec.modalities, "task": spec.task, "architecture": spec.model.name,
         "card": f"{args.name}.md",
         # the model choice breaks ties with this Dice: out of fold for cross-validated recipes
-        "val_dice": {r["structure"]: round(r["metrics"]["dice"]["mean"], 4)
+        # 6 places: rounded again to the card's 3, it must give the card's digits (0.7915 would not)
+        "val_dice": {r["structure"]: round(r["metrics"]["dice"]["mean"], 6)
                      for r in held_out["structures"] if r["kind"] == "region"},
         "n_val": held_out["n_cases"],
         "val_kind": "cross-validation, out of fold" if args.cv else "validation split",
@@ -118,7 +119,9 @@ def main() -> None:
         f"{int(run_cfg['iterations_per_epoch'])} iterations of batch {run_cfg['batch_size']} per epoch; "
         f"{run_cfg['optimizer']} lr {run_cfg['lr']}, loss {run_cfg['loss']}.",
         f"- Wall time: {summary['wall_seconds'] / 60:.1f} min on {summary['hardware']} "
-        "(2-core CPU VM shared with other jobs: times are upper bounds).",
+        "(2-core CPU VM shared with other jobs: times are upper bounds)"
+        + (f"; CPU time of the training process {summary['cpu_seconds'] / 60:.1f} min (budget "
+           f"`cpu_minutes: {run_cfg['cpu_minutes']}`)." if "cpu_seconds" in summary else "."),
         f"- Last logged epoch: {log[-1]}", "",
         "## Measured results (in each case's original voxel grid, via `neuromap segment` + `neuromap evaluate`)",
     ]

@@ -16,11 +16,43 @@ needs_real_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Path:
+    """Engine exports (neuromap.engines) go to a private folder, never the user's ~/.cache; subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("engine-cache")
+    previous = os.environ.get("NEUROMAP_CACHE_DIR")
+    os.environ["NEUROMAP_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("NEUROMAP_CACHE_DIR", None)
+    else:
+        os.environ["NEUROMAP_CACHE_DIR"] = previous
+
+
 @pytest.fixture
 def synthetic_case(tmp_path: Path) -> Path:
     from neuromap.synthetic import write_synthetic_case
 
     return write_synthetic_case(tmp_path / "Synthetic_001", case_id="Synthetic_001", shape=(48, 48, 32))
+
+
+def cropped_real_case(folder: Path, name: str = "Brats18_2013_23_1", slices: int = 24) -> Path:
+    """A real BraTS case cut to ``slices`` axial slices through its tumour, written under ``folder``: quick to
+    segment, still real anatomy and contrast."""
+    import nibabel as nib
+    import numpy as np
+
+    source = BRATS / name
+    seg = nib.load(next(source.glob("*_seg.nii.gz")))
+    z = np.flatnonzero(np.asarray(seg.dataobj).any(axis=(0, 1)))
+    mid = int(z[len(z) // 2])
+    out = folder / name
+    out.mkdir(parents=True)
+    for path in source.glob("*.nii.gz"):
+        nib.save(nib.load(path).slicer[:, :, mid - slices // 2: mid + slices // 2], str(out / path.name))
+    return out
 
 
 def real_cases() -> list[Path]:

@@ -141,11 +141,10 @@ def test_upload_segment_table_and_downloads(app, media, tmp_path):
     assert np.array_equal(labels.affine, source.affine)
     assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2, 4}
     assert files["Overlay (PNG)"].startswith(b"\x89PNG")
-    # Viewer widgets exist and re-render on change without errors.
-    app.slider(key="axial_1").set_value(1).run()
-    app.checkbox(key="show_2_1").uncheck().run()
-    app.selectbox(key="bg_1").set_value("t1ce").run()
-    assert not app.exception
+    # The report names the uploaded files, not the server's temp folder; so does the caption.
+    assert report["inputs"] == {m: f"Syn_007_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")}
+    assert "Segmented from: T1 Syn_007_t1.nii.gz" in text_of(app.caption)
+    assert "neuromap-app-" not in files["Report (JSON)"].decode()
 
 
 def test_zip_upload_with_uploaded_checkpoint(app, media, tmp_path, tiny_model):
@@ -167,7 +166,7 @@ def test_zip_upload_with_uploaded_checkpoint(app, media, tmp_path, tiny_model):
     assert report["case_id"] == "Case9"  # plain names: the zip's name becomes the case id
     workspace = app.session_state.workspace.root
     assert Path(report["model"]["files"][0]).is_relative_to(workspace)
-    assert all(Path(p).is_relative_to(workspace) for p in report["inputs"].values())
+    assert set(report["inputs"].values()) == {p.name for p in case.iterdir()}  # the names inside the zip
 
 
 def test_bad_checkpoint_is_a_message_not_a_traceback(app, tmp_path):
@@ -175,8 +174,8 @@ def test_bad_checkpoint_is_a_message_not_a_traceback(app, tmp_path):
     app.file_uploader[0].set_value(uploads(case)).run()
     app.selectbox(key="model_choice").set_value("upload").run()
     app.file_uploader[1].set_value(("weights.pt", b"not a checkpoint", "application/octet-stream")).run()
-    button(app, "Segment").click().run()
-    assert "not a readable checkpoint" in text_of(app.error)
+    assert button(app, "Segment").disabled
+    assert "not a readable checkpoint" in text_of(app.warning)
     assert not app.exception and "result" not in app.session_state
 
 
@@ -206,8 +205,8 @@ def test_two_files_for_one_sequence_is_a_clear_error(app, tmp_path):
     case = write_synthetic_case(tmp_path / "in", "Dup", shape=(32, 32, 16), with_seg=False)
     app.file_uploader[0].set_value(uploads(case)).run()
     app.selectbox(key="seq_0_1").set_value("flair").run()  # files are sorted: flair, t1, ...
-    button(app, "Segment").click().run()
-    assert "are both set to flair" in text_of(app.error)
+    assert button(app, "Segment").disabled  # said before anything runs
+    assert "are both set to flair" in text_of(app.warning)
     assert "result" not in app.session_state
 
 
@@ -350,20 +349,43 @@ def test_workspace_is_deleted_on_cleanup_and_when_dropped(tmp_path):
 # ------------------------------------------------------------------------------------------------ viewer, CLI
 
 
-def test_render_slice_colours_labels_in_mm_proportions():
-    from neuromap.app_viewer import render_slice
-    from neuromap.tasks import BRATS_COLOURS
+def test_viewer_scene_and_component_arguments_of_a_real_result(tmp_path, tiny_model):
+    """What the NiiVue component gets for a segmented case: every sequence file byte for byte, the label file,
+    BraTS label values 1/2/4 with the task's colours, the file axis of each plane, the inverse affine and a
+    crosshair start (the tumour centre, in mm) that maps back into the grid."""
+    from neuromap.app_viewer import component_args
+    from neuromap.segmenter import segment
 
-    background = np.zeros((10, 20, 6), np.float32)
-    labels = np.zeros((10, 20, 6), np.uint8)
-    labels[2, 5, 3] = 3  # ET
-    picture = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2, 3}, BRATS_COLOURS)
-    assert picture.shape == (20, 10, 3) and picture.dtype == np.uint8
-    assert tuple(picture[20 - 1 - 5, 2]) == (255, 216, 0)  # yellow, anterior (high y) up
-    hidden = render_slice(background, labels, 2, 3, (1.0, 1.0, 2.0), (0.0, 1.0), 1.0, {1, 2}, BRATS_COLOURS)
-    assert not hidden.any()
-    sagittal = render_slice(background, labels, 0, 2, (1.0, 1.0, 2.0), (0.0, 1.0), 0.5, {3}, BRATS_COLOURS)
-    assert sagittal.shape == (12, 20, 3)  # 6 slices of 2 mm shown 12 px high
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    affine[:3, 3] = (40, 30, -20)
+    case = write_synthetic_case(tmp_path / "in", "Vw1", shape=(40, 32, 16), affine=affine, with_seg=False)
+    (result,) = segment(case, tmp_path / "out", model=str(tiny_model))
+    kept = {"run": 3, "report": result.report, "files": dict(result.files), "inputs": result.report["inputs"],
+            "labels_output": str(result.labels_output)}
+    args = component_args(kept, {"flair": "FLAIR"})
+    assert [s["key"] for s in args["sequences"]] == ["t1", "t1ce", "t2", "flair"] and args["shown"] == "flair"
+    assert args["seq_t2"] == (case / "Vw1_t2.nii.gz").read_bytes()
+    assert args["labels"] == result.labels_output.read_bytes()
+    assert [(i["value"], i["colour"]) for i in args["label_info"]] == [(1, "#e61a1a"), (2, "#1acc33"), (4, "#ffd900")]
+    assert args["plane_axes"] == {"sagittal": 0, "coronal": 1, "axial": 2} and args["shape"] == [40, 32, 16]
+    voxel = np.array(args["inv_affine"]) @ np.array([*args["start_mm"], 1.0])
+    assert np.all(voxel[:3] >= 0) and np.all(voxel[:3] < np.array(args["shape"]))
+    assert args["radiological"] is True and args["extra_name"] is None
+
+
+def test_web_message_names_uploaded_files_and_page_fixes(tmp_path):
+    from neuromap.webapp_io import web_message
+
+    root = tmp_path / "neuromap-app-x1"
+    message = (f"case 'P1' ({root}/case/P1): missing modality ['t1ce'] (found: ['flair']). Fix: add the file(s), "
+               "map them with --map, or choose a model that needs only the sequences present.")
+    text = web_message(message, root, {})
+    assert str(tmp_path) not in text and "--" not in text
+    assert "(the uploaded case)" in text and "set each file's sequence in the table" in text
+    shape = web_message(f"{root}/case/P1/P1_t2.nii.gz: shape (3, 3, 3) differs. Fix: use co-registered files.",
+                        root, {"P1_t2.nii.gz": "scan 7.nii.gz"})
+    assert shape == "scan 7.nii.gz: shape (3, 3, 3) differs. Fix: use co-registered files."
+    assert web_message("labels 7. Fix: pass --device cpu.", root, {}) == "labels 7."
 
 
 def test_cli_app_runs_streamlit_on_localhost(monkeypatch, tiny_model):
@@ -394,7 +416,9 @@ def test_cli_app_runs_streamlit_on_localhost(monkeypatch, tiny_model):
     assert flags["--server.port"] == "8765" and flags["--server.maxUploadSize"] == "50"
     assert env["NEUROMAP_APP_MAX_UPLOAD_MB"] == "50.0" and env["NEUROMAP_APP_MODEL"] == str(tiny_model)
     assert cli.main(["app", "--model", "/no/such.pt"]) == cli.EXIT_USER_ERROR
-    assert cli.main(["app", "--max-upload-mb", "0"]) == cli.EXIT_USER_ERROR
+    with pytest.raises(SystemExit) as refused:  # argparse checks the range (`neuromap.options`)
+        cli.main(["app", "--max-upload-mb", "0"])
+    assert refused.value.code == cli.EXIT_USER_ERROR
 
 
 # ------------------------------------------------------------------------------------------------ task-driven page
@@ -427,9 +451,10 @@ def test_binary_model_result_panel_viewer_and_downloads(monkeypatch, media, tmp_
     button(at, "Segment").click().run()
     assert not at.exception and not at.error, text_of(at.error)
     assert list(at.table[0].value["Region"]) == ["abnormality"]
-    assert [c.label for c in at.checkbox if c.key.startswith("show_")] == ["abnormality"]
-    legend = text_of(at.markdown)
-    assert "abnormality (predicted)" in legend and "NCR/NET" not in legend
+    from neuromap.app_viewer import component_args
+
+    legend = component_args(at.session_state.result, {})["label_info"]
+    assert [(i["value"], i["name"]) for i in legend] == [(1, "abnormality (predicted)")]
     assert "Labels in the NIfTI: 1 abnormality (binary convention)" in text_of(at.caption)
     files = downloads(at, media)
     assert sorted(files) == ["Label map (NIfTI, input grid)", "Overlay (PNG)", "Report (JSON)"]
@@ -441,18 +466,33 @@ def test_binary_model_result_panel_viewer_and_downloads(monkeypatch, media, tmp_
 
 def test_failed_run_clears_the_previous_result_and_shows_why(app, media, tmp_path):
     """Defect 4: after a failed run nothing of the previous result stays (its files are gone, so its download
-    button would fail), and the reason is shown in an error box outside the folded status."""
+    button would fail), and the reason is shown in an error box, worded for the page: the uploaded file's name,
+    no server path."""
     case = write_synthetic_case(tmp_path / "in", "F1", shape=(32, 32, 16), with_seg=False)
-    app.file_uploader[0].set_value(uploads(case)).run()
+    other = write_synthetic_case(tmp_path / "other", "F1", shape=(30, 32, 16), with_seg=False)
+    files = uploads(case) + [("other grid_t2.nii.gz", (other / "F1_t2.nii.gz").read_bytes(), "application/gzip")]
+    app.file_uploader[0].set_value(files).run()
+    app.selectbox(key="seq_0_4").set_value(IGNORE).run()  # files: F1_flair, F1_t1, F1_t1ce, F1_t2, other grid_t2
     button(app, "Segment").click().run()
     assert app.table and downloads(app, media)
-    app.selectbox(key="seq_0_2").set_value(IGNORE).run()  # files are sorted: flair, t1, t1ce, t2
+    app.selectbox(key="seq_0_3").set_value(IGNORE).run()
+    app.selectbox(key="seq_0_4").set_value("t2").run()
     button(app, "Segment").click().run()
     assert not app.exception
     assert "result" not in app.session_state and not app.table and not app.get("download_button")
-    assert any("Segmentation failed" in e.value and "missing modality ['t1ce']" in e.value for e in app.error)
+    reason = next(e.value for e in app.error if "Segmentation failed" in e.value)
+    assert "other grid_t2.nii.gz" in reason and "neuromap-app-" not in reason and "--" not in reason
     app.selectbox(key="model_choice").run()  # any rerun: the reason stays until the next run or upload
-    assert "missing modality ['t1ce']" in text_of(app.error)
+    assert "other grid_t2.nii.gz" in text_of(app.error)
+
+
+def test_segment_is_disabled_with_the_reason_when_a_needed_sequence_is_missing(app, tmp_path):
+    case = write_synthetic_case(tmp_path / "in", "M1", shape=(32, 32, 16), with_seg=False)
+    app.file_uploader[0].set_value(uploads(case)).run()
+    assert not button(app, "Segment").disabled
+    app.selectbox(key="seq_0_2").set_value(IGNORE).run()  # files are sorted: flair, t1, t1ce, t2
+    assert button(app, "Segment").disabled
+    assert "This model needs T1ce (contrast), which no file is set to" in text_of(app.warning)
 
 
 def test_empty_upload_is_called_empty(app):
@@ -471,10 +511,16 @@ def test_model_caption_gives_the_model_cards_numbers(monkeypatch, media, tmp_pat
     (weights / "tiny.pt").write_bytes(tiny_model.read_bytes())
     (weights / "models.json").write_text(json.dumps({"tiny": {
         "file": "tiny.pt", "modalities": ["t1", "t1ce", "t2", "flair"], "task": "brats", "card": "tiny.md",
-        "val_dice": {"WT": 0.8746, "TC": 0.8309, "ET": 0.8206}, "n_val": 4}}))
+        "val_dice": {"WT": 0.8746, "TC": 0.8309, "ET": 0.8206}, "n_val": 4},
+        "slices": {"file": "slices.pt", "modalities": ["t1", "flair", "t1ce"], "task": "binary"}}))
     at = page_with(monkeypatch, tmp_path, None, weights)
+    offered = at.selectbox(key="model_choice").options
+    assert len(offered) == 3 and offered[1].startswith("tiny ")  # automatic, tiny, upload: no LGG slice model
     case = write_synthetic_case(tmp_path / "in", "Cap1", shape=(32, 32, 16), with_seg=False)
     at.file_uploader[0].set_value(uploads(case)).run()
+    # Before running, the automatic choice is named with the card's numbers.
+    plan = text_of(at.markdown)
+    assert "Automatic choice: **tiny** on T1, T1ce (contrast), T2, FLAIR; validation Dice WT 0.875" in plan
     button(at, "Segment").click().run()
     caption = text_of(at.caption)
     assert "validation Dice WT 0.875 / TC 0.831 / ET 0.821 (4 cases, validation split; model card)" in caption

@@ -91,9 +91,10 @@ def test_validation_messages_name_file_and_problem(synthetic_case):
     affine = nib.load(flair).affine
 
     _write(flair, data[:-1], affine)
-    assert "Synthetic_001_flair.nii.gz: shape (47, 48, 32) differs" in _problem(synthetic_case)
+    assert "Synthetic_001_flair.nii.gz: voxel grid differs from Synthetic_001_t1.nii.gz: shape (47, 48, 32) vs " \
+        "(48, 48, 32)" in _problem(synthetic_case)
     _write(flair, data, affine @ np.diag([1, 1, 2.0, 1]))
-    assert "affine differs" in _problem(synthetic_case)
+    assert "voxel size 1 x 1 x 2 mm vs 1 x 1 x 1 mm" in _problem(synthetic_case)
     _write(flair, data[..., None].repeat(2, -1), affine)
     assert "image is 4D" in _problem(synthetic_case)
     bad = data.astype(np.float32)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import random
+import resource
 import signal
 import subprocess
 import sys
@@ -166,39 +168,88 @@ def test_cpu_budget_stops_the_run_and_decays_the_poly_rate(tiny_config, tmp_path
     from neuromap.training.loop import train
 
     cfg = load_yaml(tiny_config, TrainConfig).model_copy(update={
-        "cpu_minutes": 1e-4, "lr_schedule": "poly", "epochs": 50, "output_dir": str(tmp_path / "budget")})
+        "cpu_minutes": 1e-4, "lr_schedule": "poly", "epochs": 50, "val_every": 50, "select": "last",
+        "output_dir": str(tmp_path / "budget")})
     result = train(cfg, progress=False)
     summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
     assert result.stopped == "CPU budget" and result.epochs_run < 50
     assert summary["cpu_seconds"] >= 60 * 1e-4
     rows = (tmp_path / "budget" / "log.csv").read_text().splitlines()
     assert float(rows[1].split(",")[-2]) == cfg.lr  # the first epoch trains at the full rate
+    best, last = _weights(tmp_path / "budget" / "best.pt"), _weights(tmp_path / "budget" / "last.pt")
+    assert all(torch.equal(best[k], last[k].to(best[k].dtype)) for k in best)  # select "last": the final weights
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_config, tmp_path):
+def test_resume_after_kills_at_random_moments_matches_uninterrupted_run(tiny_config, tmp_path):
+    """kill -9 at seeded random moments (mid-epoch, mid-save, between epochs), resume each time: the final
+    weights equal an uninterrupted run's, and no temporary checkpoint file is left behind."""
     reference = subprocess.run(_train_cmd(tiny_config, "--output-dir", str(tmp_path / "ref")), capture_output=True,
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(tiny_config, "--output-dir", str(run)), stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        log = run / "log.csv"
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:  # two epochs done
+    run, rng, kills = tmp_path / "killed", random.Random(7), 0
+    for _attempt in range(3):
+        resume = ["--resume"] if (run / "last.pt").is_file() else []
+        proc = subprocess.Popen(_train_cmd(tiny_config, "--output-dir", str(run), *resume), stderr=subprocess.DEVNULL)
+        start_rows = _log_rows(run)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and _log_rows(run) <= start_rows:
+            time.sleep(0.01)  # wait until this process has finished one epoch of its own, then a random moment
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    epochs_done = torch.load(run / "last.pt", weights_only=False)["state"]["epoch"]
-    assert epochs_done < TINY["epochs"]
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the run finished before it could be killed twice"
     resumed = subprocess.run(_train_cmd(tiny_config, "--output-dir", str(run), "--resume"), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     final, expected = _weights(run / "last.pt"), _weights(tmp_path / "ref" / "last.pt")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
-    assert (run / "log.csv").read_text().splitlines()[1:] != []
     assert json.loads((run / "summary.json").read_text())["epochs_run"] == TINY["epochs"]
+    assert not [p.name for p in run.iterdir() if ".part" in p.name]
+
+
+def _log_rows(run: Path) -> int:
+    log = run / "log.csv"
+    return len(log.read_text().splitlines()) if log.is_file() else 0
+
+
+def test_unwritable_run_folder_and_missing_data_are_refused_before_work(tiny_config, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the run folder's parent should be")
+    proc = subprocess.run(_train_cmd(tiny_config, "--output-dir", str(blocker / "run")), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot be written" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "missing_root.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "data_roots": [str(tmp_path / "nowhere")]}))
+    proc = subprocess.run(_train_cmd(bad, "--output-dir", str(tmp_path / "never")), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_write_failure_mid_run_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    """A real write failure (RLIMIT_FSIZE: the kernel refuses to grow a file, as with a full disk) while saving
+    epoch 3 gives a clear message; last.pt still holds epoch 2 and no partial file remains."""
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump({**yaml.safe_load(tiny_config.read_text()), "epochs": 2}))
+    run = tmp_path / "run"
+    first = subprocess.run(_train_cmd(two, "--output-dir", str(run)), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = (run / "last.pt").read_bytes()
+    limit = len(before) // 2  # small files (config, split) still fit; no checkpoint does
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(_train_cmd(tiny_config, "--output-dir", str(run), "--resume"), capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 2, proc.stderr
+    assert "could not write the run's files" in proc.stderr and "Traceback" not in proc.stderr
+    assert "last good checkpoint" in proc.stderr
+    assert (run / "last.pt").read_bytes() == before
+    assert torch.load(run / "last.pt", weights_only=False)["state"]["epoch"] == 2
+    assert not [p.name for p in run.iterdir() if ".part" in p.name]
 
 
 def test_ddp_two_processes_on_gloo(tiny_config, tmp_path):

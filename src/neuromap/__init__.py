@@ -1,7 +1,8 @@
 """NeuroMap: brain tumour segmentation in multimodal MRI. Research use only.
 
-The Python API mirrors the command line: ``segment``, ``train``, ``evaluate``, plus ``validate_case`` and
-``discover_cases`` for checking inputs. Many cases with one model: ``neuromap.segmenter.Segmenter``.
+The Python API mirrors the command line: ``segment``, ``train``, ``evaluate``, plus ``show`` (a result in a
+notebook), ``validate_case`` and ``discover_cases`` for checking inputs. Many cases with one model:
+``neuromap.segmenter.Segmenter``.
 """
 
 from neuromap.errors import NeuroMapError
@@ -14,6 +15,13 @@ def segment(*args, **kwargs):
     from neuromap.segmenter import segment as _segment
 
     return _segment(*args, **kwargs)
+
+
+def show(result, radiological: bool = True, height: int = 480):
+    """Show a segmentation result in a Jupyter notebook; see `neuromap.notebook.show`."""
+    from neuromap.notebook import show as _show
+
+    return _show(result, radiological, height)
 
 
 def train(config, resume: bool = False, progress: bool = True):
@@ -36,6 +44,7 @@ def evaluate(*args, **kwargs):
 
 
 def validate_case(case, modalities=None):
+    """Raise NeuroMapError naming every problem of ``case``; else return its warnings (`neuromap.io.validate_case`)."""
     from neuromap.io import validate_case as _validate
 
     return _validate(case, modalities)
@@ -47,4 +56,4 @@ def discover_cases(root):
     return _discover(root)
 
 
-__all__ = ["NeuroMapError", "discover_cases", "evaluate", "segment", "train", "validate_case", "__version__"]
+__all__ = ["NeuroMapError", "discover_cases", "evaluate", "segment", "show", "train", "validate_case", "__version__"]

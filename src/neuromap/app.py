@@ -11,8 +11,12 @@ come from environment variables that command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +25,10 @@ import streamlit as st
 from neuromap.app_viewer import result_task, viewer
 from neuromap.config import MODALITIES, InferenceConfig
 from neuromap.errors import NeuroMapError
-from neuromap.io import cases_from_inputs
+from neuromap.io import NIFTI, atomic_path, cases_from_inputs
 from neuromap.labels import CONVENTIONS
 from neuromap.report import RESEARCH_NOTICE
-from neuromap.segmenter import Segmenter
+from neuromap.segmenter import Segmenter, SegmentResult
 from neuromap.webapp_io import (
     DEFAULT_MAX_UPLOAD_MB,
     IGNORE,
@@ -32,18 +36,27 @@ from neuromap.webapp_io import (
     Workspace,
     build_case_folder,
     case_id_from_names,
+    chosen_files,
     extract_case_zip,
     max_upload_bytes,
     safe_name,
     stage_uploads,
+    web_message,
 )
-from neuromap.zoo import shipped_models, validation_text
+from neuromap.zoo import shipped_models, usable_models, validation_text
 
 AUTO, UPLOAD = "auto", "upload"
 SEQUENCE_NAMES = {"t1": "T1", "t1ce": "T1ce (contrast)", "t2": "T2", "flair": "FLAIR", IGNORE: "ignore (not used)"}
 OUTPUT_LABELS = "brats"  # BraTS models write 1/2/4, as `neuromap segment` does by default
+# The app takes NIfTI cases, so it offers the models of their layout's task (the LGG slice model needs .tif
+# slice folders, which the upload does not take).
+APP_TASK = NIFTI.task
+# Progress bar: where each stage of `Segmenter.segment_case` starts, and what it is called on the page.
+STAGES = {"arranging": (0.02, "Arranging the files as one case"), "reading": (0.08, "Reading the sequences"),
+          "preparing": (0.18, "Preparing (reorienting, cropping, normalising)"),
+          "model": (0.3, "Running the model (CPU: the longest step)"), "writing": (0.9, "Writing the results")}
 # Session-state keys that describe the current case; all dropped together when its files are deleted.
-CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "run_error", "display", "model_sig")
+CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "run_error", "model_sig")
 
 
 @dataclass
@@ -132,12 +145,12 @@ def receive_upload(files: list, is_zip: bool, limit_bytes: int) -> None:
 def model_panel(cfg: Settings) -> str | Path | None:
     """Model choice: shipped models, the checkpoint given to ``neuromap app --model``, or an uploaded .pt.
     Returns what `segment` takes as ``model`` (None = best shipped model), or raises when nothing is usable."""
-    shipped = shipped_models()
+    shipped = {name: m for name, m in shipped_models().items() if m.task == APP_TASK}
     given = [cfg.model_path] if cfg.model_path and cfg.model_path not in shipped else []
     options = ([AUTO] if shipped else []) + sorted(shipped) + given + [UPLOAD]
     labels = {AUTO: "automatic: best shipped model for the sequences", UPLOAD: "upload a checkpoint (.pt)"}
     labels.update({n: f"{n} ({', '.join(m.modalities)})" for n, m in shipped.items()})
-    labels.update({path: f"{Path(path).name} (from --model)" for path in given})
+    labels.update({path: f"{Path(path).name} (set when the app was started)" for path in given})
     default = options.index(cfg.model_path) if cfg.model_path else 0
     choice = st.selectbox("Model", options, index=default, format_func=labels.get, key="model_choice")
     if choice == AUTO:
@@ -184,41 +197,130 @@ def cached_segmenter(model: str | None, tta: bool) -> Segmenter:
     return Segmenter(model, InferenceConfig(tta=tta), OUTPUT_LABELS)
 
 
-def run_segmentation(choices: dict[Path, str], model: str | Path | None, tta: bool) -> None:
+@st.cache_data(max_entries=8, show_spinner=False)
+def checkpoint_modalities(path: str, mtime: float) -> list[str]:
+    """The sequences a checkpoint file needs (read from its spec; cached by file and modification time)."""
+    from neuromap.checkpoint import ModelSpec, read_checkpoint
+
+    return ModelSpec.from_dict(read_checkpoint(path)["spec"]).modalities
+
+
+def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | None]:
+    """What pressing Segment will do with the sequences ``chosen``: (a sentence naming the model and how well it
+    was measured, the reason Segment is disabled or None)."""
+    have = ", ".join(SEQUENCE_NAMES[m] for m in chosen) or "none"
+    if model is None:
+        usable = usable_models(chosen, APP_TASK)
+        if not usable:
+            needs = "; ".join(f"{m.name} needs {', '.join(SEQUENCE_NAMES[x] for x in m.modalities)}"
+                              for m in shipped_models().values() if m.task == APP_TASK)
+            return "", f"No shipped model works with the sequences set ({have}): {needs}. Upload the missing files."
+        best = usable[0]
+        return (f"Automatic choice: **{best.name}** on {', '.join(SEQUENCE_NAMES[m] for m in best.modalities)}; "
+                f"{best.validation_text()}."), None
+    shipped = shipped_models()
+    if str(model) in shipped:
+        spec_needs, about = list(shipped[str(model)].modalities), shipped[str(model)].validation_text()
+    else:
+        try:
+            spec_needs = checkpoint_modalities(str(model), Path(model).stat().st_mtime)
+        except (NeuroMapError, OSError) as exc:
+            return "", f"The checkpoint cannot be read: {web_message(str(exc), workspace().root, {})}"
+        about = "a checkpoint not shipped with NeuroMap (its card, if any, is not known here)"
+    missing = [SEQUENCE_NAMES[m] for m in spec_needs if m not in chosen]
+    plan = f"Model **{Path(str(model)).name}** on {', '.join(SEQUENCE_NAMES[m] for m in spec_needs)}; {about}."
+    if missing:
+        return plan, (f"This model needs {', '.join(missing)}, which no file is set to. Upload it and set its "
+                      "sequence in the table, or choose another model.")
+    return plan, None
+
+
+class Progress:
+    """The progress bar of one run: the stage the segmenter reported last and the elapsed time, redrawn by the
+    page's thread while the segmenter works in another (Streamlit elements may only be drawn by the page's)."""
+
+    def __init__(self) -> None:
+        self.stage = "arranging"
+        self.start = time.monotonic()
+        self.bar = st.progress(0.0)
+        self.draw()
+
+    def draw(self) -> None:
+        fraction, text = STAGES[self.stage]
+        self.bar.progress(fraction, text=f"{text} - {time.monotonic() - self.start:.0f} s")
+
+
+def segment_in_background(segmenter: Segmenter, case_dir: Path, out: Path, progress: Progress) -> SegmentResult:
+    """Run the segmentation in a worker thread and redraw ``progress`` twice a second until it ends; its error,
+    if any, is raised here."""
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            with cases_from_inputs(case_dir) as cases:
+                (case,) = cases
+                outcome["result"] = segmenter.segment_case(case, out, overwrite=True,
+                                                           on_stage=lambda name: setattr(progress, "stage", name))
+        except BaseException as exc:  # re-raised on the page's thread, where Streamlit shows it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="neuromap-segment", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        progress.draw()
+        worker.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: str | Path | None, tta: bool) -> None:
     """Arrange the chosen files as one case folder and segment it. The previous result goes first: after a
-    failure nothing stale stays on screen (its files are deleted), and the reason stays shown, unfolded."""
+    failure nothing stale stays on screen (its files are deleted), and the reason stays shown, unfolded and
+    worded for the page."""
     ws = workspace()
-    for key in ("result", "display", "run_error"):
+    for key in ("result", "run_error"):
         st.session_state.pop(key, None)
     ws.clear("out")
     case_id = case_id_from_names([p.name for p, m in choices.items() if m != IGNORE],
                                  st.session_state.get("case_fallback", "case"))
-    with st.status("Segmenting...", expanded=True) as status:
-        try:
-            status.write("Checking the sequences and arranging them as one case")
-            case_dir = build_case_folder(choices, ws.root / "case" / case_id, case_id)
-            status.write("Loading, preprocessing and running the model (CPU: up to a few minutes)")
-            segmenter = cached_segmenter(None if model is None else str(model), tta)
-            with cases_from_inputs(case_dir) as cases:
-                (result,) = segmenter.segment(cases, ws.sub("out"), overwrite=True)
-        except NeuroMapError as exc:
-            status.update(label="Segmentation failed", state="error", expanded=True)
-            st.session_state.run_error = str(exc)
-            return
-        seconds = result.report["timings_s"]["total_s"]
-        status.update(label=f"Done: {result.case_id} in {seconds:.1f} s", state="complete", expanded=False)
+    uploaded = {choices[f.path]: f.name for f in staged if choices.get(f.path, IGNORE) != IGNORE}
+    names = {f"{case_id}_{m}{'.nii.gz' if n.lower().endswith('.gz') else '.nii'}": n for m, n in uploaded.items()}
+    names.update({f.path.name: f.name for f in staged})
+    progress = Progress()
+    try:
+        case_dir = build_case_folder(choices, ws.root / "case" / case_id, case_id)
+        segmenter = cached_segmenter(None if model is None else str(model), tta)
+        result = segment_in_background(segmenter, case_dir, ws.sub("out"), progress)
+    except NeuroMapError as exc:
+        progress.bar.empty()
+        st.session_state.run_error = web_message(str(exc), ws.root, names)
+        return
+    progress.bar.progress(1.0, text=f"Done: {result.case_id} in {time.monotonic() - progress.start:.0f} s")
+    report = web_report(result, uploaded, lambda text: web_message(text, ws.root, names))
     st.session_state.result = {"run": st.session_state.get("runs", 0) + 1, "case_id": result.case_id,
-                               "report": result.report, "files": dict(result.files),
+                               "report": report, "files": dict(result.files),
                                "labels_output": str(result.labels_output), "inputs": dict(result.report["inputs"])}
     st.session_state.runs = st.session_state.result["run"]
+    st.session_state.scroll_to_result = True
+
+
+def web_report(result: SegmentResult, uploaded: dict[str, str], reword: Callable[[str], str]) -> dict:
+    """The report a web user downloads: the sequences are named by the files they uploaded rather than by
+    paths in this server's temp folder, in the inputs and in the warnings (``reword``). Rewritten in place
+    (staged and renamed, like every output)."""
+    report = {**result.report, "inputs": {m: uploaded[m] for m in result.report["inputs"]},
+              "warnings": [reword(w) for w in result.report["warnings"]]}
+    with atomic_path(result.files["report.json"], overwrite=True) as target:
+        target.write_text(json.dumps(report, indent=2))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------- results
 
 
-def results_panel(result: dict) -> None:
-    """Volumes of the model's task, warnings, model facts and the three downloads (the files the segmenter
-    wrote, byte for byte)."""
+def volumes_panel(result: dict) -> None:
+    """Volumes of the model's task, warnings and model facts."""
     report, task = result["report"], result_task(result)
     volumes = report["volumes_ml"]
     quality_panel(report["quality"])
@@ -232,6 +334,12 @@ def results_panel(result: dict) -> None:
     st.caption(f"Model: {model['architecture']} on {', '.join(model['modalities'])}; "
                f"{validation_text(model['files'], model.get('validation'))}. "
                f"Time {report['timings_s']['total_s']:.1f} s on {report['device']}.")
+
+
+def downloads_panel(result: dict) -> None:
+    """The three downloads (the files the segmenter wrote, byte for byte, the report naming the uploaded
+    files) and what the label values mean."""
+    report, task = result["report"], result_task(result)
     st.subheader("Downloads")
     kinds = [(result["labels_output"], "Label map (NIfTI, input grid)", "application/gzip"),
              (result["files"]["report.json"], "Report (JSON)", "application/json"),
@@ -243,7 +351,15 @@ def results_panel(result: dict) -> None:
     convention = report["label_convention"]
     values = ", ".join(f"{value} {task.short_names[internal]}"
                        for value, internal in CONVENTIONS[convention].items() if internal)
-    st.caption(f"Labels in the NIfTI: {values} ({convention} convention).")
+    st.caption(f"Labels in the NIfTI: {values} ({convention} convention). Segmented from: "
+               + ", ".join(f"{SEQUENCE_NAMES[m]} {name}" for m, name in report["inputs"].items()) + ".")
+
+
+def scroll_to(anchor: str) -> None:
+    """Bring the element with id ``anchor`` into view once (a 1-pixel frame whose script reaches its parent page,
+    which Streamlit serves from the same origin)."""
+    st.iframe(f"<script>window.parent.document.getElementById({json.dumps(anchor)})"
+              "?.scrollIntoView({behavior: 'smooth', block: 'start'});</script>", height=1)
 
 
 def quality_panel(quality: dict) -> None:
@@ -304,22 +420,33 @@ def main() -> None:
         if st.session_state.get("ignored"):
             st.caption(f"Not used from the zip: {', '.join(st.session_state.ignored)}")
         choices = sequence_table(staged)
-        if model_problem:
-            st.info(model_problem)
-        if st.button("Segment", type="primary", disabled=bool(model_problem), icon=":material/play_arrow:"):
-            run_segmentation(choices, model, tta)
+        try:
+            chosen = sorted(chosen_files(choices), key=MODALITIES.index)
+            plan, blocked = ("", model_problem) if model_problem else model_plan(model, chosen)
+        except NeuroMapError as exc:
+            plan, blocked = "", str(exc)
+        if plan:
+            st.markdown(plan)
+        if blocked:
+            st.warning(blocked, icon=":material/block:")
+        if st.button("Segment", type="primary", disabled=bool(blocked), icon=":material/play_arrow:",
+                     help=blocked):
+            run_segmentation(staged, choices, model, tta)
         if st.session_state.get("run_error"):
             st.error(f"Segmentation failed: {st.session_state.run_error}", icon=":material/error:")
 
     result = st.session_state.get("result")
     if result:
         st.divider()
-        st.subheader(f"Result: {result['case_id']}")
-        left, right = st.columns([3, 1.5], gap="large")
+        st.subheader(f"Result: {result['case_id']}", anchor="result")
+        viewer(result, SEQUENCE_NAMES)
+        left, right = st.columns([1.4, 1], gap="large")
         with left:
-            viewer(result, SEQUENCE_NAMES)
+            volumes_panel(result)
         with right:
-            results_panel(result)
+            downloads_panel(result)
+        if st.session_state.pop("scroll_to_result", False):
+            scroll_to("result")
 
 
 if __name__ == "__main__":

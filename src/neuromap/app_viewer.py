@@ -1,20 +1,31 @@
-"""The web app's slice viewer: three orthogonal RAS slices of the chosen background sequence with the label
-overlay, in the colours and legend of the model's task (`neuromap.tasks`), so a binary model's mask is drawn as
-what it is. Kept apart from `neuromap.app` (the page) so the renderer is testable without a page."""
+"""The web app's viewer: NiiVue (WebGL2) in a small Streamlit component whose HTML, JavaScript and the NiiVue bundle
+ship inside the package (``neuromap/viewer_web``), so the page works offline and never loads code from a CDN.
+
+It shows every uploaded sequence and the label map in their own grid with linked axial/coronal/sagittal views and
+a crosshair (click to move it), zoom and pan, window/level (numbers or right-drag), per-label colour and
+visibility and the label opacity, the radiological convention by default with a toggle, orientation letters on all
+four sides, the crosshair's slice numbers and positions in mm, and a 3D render of the tumour labels. Why a custom
+component rather than ``niivue-streamlit``: see ``viewer_web/viewer.js``. What is shown is decided by
+`neuromap.viewer`, shared with the notebook viewer.
+"""
 
 from __future__ import annotations
 
-import nibabel as nib
-import numpy as np
-import streamlit as st
-from PIL import Image
+from pathlib import Path
 
-from neuromap.labels import to_internal
-from neuromap.pictures import intensity_window, tumour_centre
+import streamlit.components.v1 as components
+
 from neuromap.tasks import Task, get_task
+from neuromap.viewer import ViewerScene, viewer_scene
 
-VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # name, RAS axis held fixed
-Colours = dict[int, tuple[float, float, float]]
+WEB_DIR = Path(__file__).with_name("viewer_web")
+# An extra overlay a result may carry (e.g. a per-voxel uncertainty map, when the model writes one): the file
+# under this key in the result's files is offered as a toggle in the viewer.
+EXTRA_OVERLAY_KEY = "uncertainty.nii.gz"
+EXTRA_OVERLAY_NAME = "Uncertainty"
+DEFAULT_OPACITY = 0.45
+
+_component = components.declare_component("neuromap_viewer", path=str(WEB_DIR))
 
 
 def result_task(result: dict) -> Task:
@@ -22,73 +33,39 @@ def result_task(result: dict) -> Task:
     return get_task(result["report"]["model"]["task"])
 
 
-def load_display(result: dict, modality: str) -> dict:
-    """Background and labels reoriented to RAS for display (cached per run and modality: one at a time)."""
-    key = (result["run"], modality)
-    cached = st.session_state.get("display")
-    if cached and cached["key"] == key:
-        return cached
-    image = nib.as_closest_canonical(nib.load(result["inputs"][modality]))
-    seg = nib.as_closest_canonical(nib.load(result["labels_output"]))
-    background = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])  # (X, Y, Z, 1) too
-    labels = to_internal(np.asanyarray(seg.dataobj), result["report"]["label_convention"])
-    window = intensity_window(background)
-    cached = {"key": key, "background": background, "labels": labels, "window": window,
-              "spacing": tuple(float(z) for z in image.header.get_zooms()[:3])}
-    st.session_state.display = cached
-    return cached
+def result_scene(result: dict) -> ViewerScene:
+    """The viewer scene of a result kept in the session (the files the segmenter wrote, read back)."""
+    import nibabel as nib
+
+    return viewer_scene(result["inputs"], nib.load(result["labels_output"]), result["report"]["label_convention"],
+                        result_task(result))
 
 
-def render_slice(background: np.ndarray, labels: np.ndarray, axis: int, index: int, spacing: tuple[float, ...],
-                 window: tuple[float, float], opacity: float, shown: set[int], colours: Colours) -> np.ndarray:
-    """RGB uint8 picture of one RAS slice with coloured labels, in millimetre proportions, the second in-plane
-    axis pointing up (anterior up in axial views, superior up otherwise) as in the report's overlay PNG."""
-    plane = np.take(background, index, axis=axis)
-    lab = np.take(labels, index, axis=axis)
-    lo, hi = window
-    grey = np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    for value in shown:
-        mask = lab == value
-        rgb[mask] = (1 - opacity) * rgb[mask] + opacity * np.asarray(colours[value])
-    rgb = np.flipud(np.transpose(rgb, (1, 0, 2)))
-    in_plane = [s for i, s in enumerate(spacing) if i != axis]
-    height, width = rgb.shape[:2]
-    unit = min(in_plane)
-    size = (max(1, round(width * in_plane[0] / unit)), max(1, round(height * in_plane[1] / unit)))
-    picture = Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
-    return np.asarray(picture)
-
-
-def legend_html(task: Task, shown: set[int]) -> str:
-    """Colour key with the exact overlay colours (Streamlit's named colours differ); hidden labels greyed."""
-    items = []
-    for value, colour in task.colours.items():
-        hexcode = "#" + "".join(f"{round(c * 255):02x}" for c in colour)
-        swatch = f"display:inline-block;width:0.9em;height:0.9em;background:{hexcode};margin-right:0.35em"
-        fade = "" if value in shown else "opacity:0.35;"
-        items.append(f'<span style="{fade}margin-right:1.2em;font-size:0.85rem;white-space:nowrap">'
-                     f'<span style="{swatch}"></span>{task.legend[value]}</span>')
-    return "".join(items)
+def component_args(result: dict, sequence_names: dict[str, str], radiological: bool = True) -> dict:
+    """Everything the component needs, as Streamlit sends it: JSON values plus the files as top-level bytes
+    arguments (Streamlit passes those to the browser as binary, not as base64 text)."""
+    scene = result_scene(result)
+    files = {f"seq_{m}": path.read_bytes() for m, path in scene.sequences.items()}
+    shown = "flair" if "flair" in scene.sequences else next(iter(scene.sequences))
+    extra = result["files"].get(EXTRA_OVERLAY_KEY)
+    return {
+        "run": result["run"],
+        "sequences": [{"key": m, "label": sequence_names.get(m, m)} for m in scene.sequences],
+        "shown": shown,
+        **files,
+        "labels": Path(result["labels_output"]).read_bytes(),
+        "label_info": [{"value": s.value, "name": s.name, "colour": s.colour, "visible": True} for s in scene.styles],
+        "opacity": DEFAULT_OPACITY,
+        "inv_affine": scene.inv_affine,
+        "shape": list(scene.labels.shape[:3]),
+        "plane_axes": scene.plane_axes,
+        "start_mm": list(scene.start_mm),
+        "radiological": radiological,
+        "extra_name": EXTRA_OVERLAY_NAME if extra else None,
+        "extra": Path(extra).read_bytes() if extra else None,
+    }
 
 
 def viewer(result: dict, sequence_names: dict[str, str]) -> None:
-    """Three orthogonal slices with sliders, overlay opacity, label toggles and the background sequence."""
-    run, task = result["run"], result_task(result)
-    controls = st.columns([2, 2, *([1] * len(task.colours))], vertical_alignment="bottom")
-    modalities = list(result["inputs"])
-    default = modalities.index("flair") if "flair" in modalities else 0
-    modality = controls[0].selectbox("Background sequence", modalities, index=default,
-                                     format_func=sequence_names.get, key=f"bg_{run}")
-    opacity = controls[1].slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"opacity_{run}")
-    shown = {value for value, column in zip(task.colours, controls[2:], strict=True)
-             if column.checkbox(task.short_names[value], value=True, key=f"show_{value}_{run}")}
-    st.markdown(legend_html(task, shown), unsafe_allow_html=True)
-    data = load_display(result, modality)
-    centre = tumour_centre(data["labels"])
-    for column, (name, axis) in zip(st.columns(3), VIEWS, strict=True):
-        size = data["labels"].shape[axis]
-        number = column.slider(f"{name.capitalize()} slice (of {size})", 1, size, int(centre[axis]) + 1,
-                               key=f"{name}_{run}")
-        column.image(render_slice(data["background"], data["labels"], axis, number - 1, data["spacing"],
-                                  data["window"], opacity, shown, task.colours), width="stretch")
+    """Draw the viewer for ``result``; all its controls run in the browser, so using them never reruns the page."""
+    _component(**component_args(result, sequence_names), key=f"viewer_{result['run']}", default=None)

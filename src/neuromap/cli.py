@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from neuromap.errors import NeuroMapError
+from neuromap.options import FOLD, PORT, SLICE, THREADS, UPLOAD_MB, VOXEL_SIZE
 
 EXIT_USER_ERROR = 2
 
@@ -72,10 +73,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     with cases_from_inputs(args.paths, _parse_map(args.map)) as cases:
         for case in cases:
             try:
-                validate_case(case, modalities)
+                if args.raw:  # each sequence checked on its own grid
+                    from neuromap.prepare_raw import RawOptions, as_raw
+
+                    case = as_raw(case, RawOptions())
+                warnings = validate_case(case, modalities)
                 models = _runnable_models(case, args.model)
                 seg = f", segmentation {case.seg.path.name}" if case.seg else ""
-                print(f"OK   {case.case_id} [{case.naming}] {', '.join(case.modalities)}{seg}\n     {models}")
+                naming = f"{case.naming}, raw" if args.raw else case.naming
+                print(f"OK   {case.case_id} [{naming}] {', '.join(case.modalities)}{seg}\n     {models}")
+                for warning in warnings:
+                    print(f"     warning: {warning}")
             except NeuroMapError as exc:
                 failures += 1
                 print(f"FAIL {case.case_id}:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
@@ -83,15 +91,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from neuromap.config import PreprocessConfig
+    from neuromap.config import PreprocessConfig, parse_config
     from neuromap.io import cases_from_inputs, load_case
     from neuromap.preprocess import prepare
 
-    cfg = PreprocessConfig(
-        modalities=args.modalities.split(",") if args.modalities else PreprocessConfig().modalities,
-        n4=args.n4, spacing=tuple(args.spacing) if args.spacing else None, mode=args.mode,
-        slice_range=tuple(args.slice_range) if args.slice_range else None, normalize=not args.no_zscore,
-    )
+    cfg = parse_config({
+        "modalities": args.modalities.split(",") if args.modalities else PreprocessConfig().modalities,
+        "n4": args.n4, "spacing": args.spacing, "mode": args.mode, "slice_range": args.slice_range,
+        "normalize": not args.no_zscore,
+    }, PreprocessConfig, source="preprocess options")
     with cases_from_inputs(args.paths, _parse_map(args.map)) as cases:
         for case in cases:
             volume = load_case(case, cfg.modalities)
@@ -102,7 +110,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                 "input_spacing_mm": list(volume.spacing), "orientation": "reoriented to RAS",
                 "crop_bbox_ras": [list(b) for b in inv.bbox], "prepared_shape": list(prepared.image.shape),
                 "prepared_spacing_mm": [round(s, 3) for s in prepared.spacing], "z_score": cfg.normalize,
-                "n4": cfg.n4,
+                "n4": cfg.n4, "warnings": volume.warnings,
             }))
     return 0
 
@@ -157,24 +165,59 @@ def _volumes_text(report: dict) -> str:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from neuromap.config import InferenceConfig
+    from tqdm import tqdm
+
+    from neuromap.cohort import Part
+    from neuromap.config import InferenceConfig, parse_config
     from neuromap.io import cases_from_inputs
     from neuromap.quality import quality_text
     from neuromap.segmenter import Segmenter
 
-    cfg = InferenceConfig(tta=args.tta, device=args.device, threads=args.threads, uncertainty=args.uncertainty,
-                          probabilities=args.probabilities)
+    options = {"tta": args.tta, "device": args.device, "threads": args.threads, "workers": args.workers,
+               "engine": args.engine, "uncertainty": args.uncertainty, "probabilities": args.probabilities,
+               "picture_convention": "neurological" if args.neurological else None}
+    cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
+                       source="neuromap segment options")
+    raw = _raw_options(args)
+    part = Part.of(args.num_parts, args.part_id)
     with cases_from_inputs(args.inputs, _parse_map(args.map)) as cases:
-        segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg)
-        results = segmenter.segment(cases, args.output_dir, args.overwrite, progress=not args.quiet)
-    for r in results:
-        print(f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s); "
-              f"{quality_text(r.report['quality'])} -> {r.labels_output}")
-        for reason in r.report["quality"]["reasons"]:
-            print(f"  review: {reason}")
-        for w in r.report["warnings"]:
-            print(f"  warning: {w}")
+        segmenter = Segmenter(_model_arg(args.model), cfg, args.labels, dicom_seg=args.dicom_seg, raw=raw)
+        # Printed as each case is written (above the progress bar); results are not kept, so a cohort of any
+        # size holds one case's labels at a time.
+        for r in segmenter.iter_segment(cases, args.output_dir, args.overwrite, not args.quiet, part, args.resume):
+            if r.skipped:
+                tqdm.write(f"{r.case_id}: outputs complete, skipped (--continue) -> {r.labels_output}")
+                continue
+            lines = [f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s); "
+                     f"{quality_text(r.report['quality'])} -> {r.labels_output}",
+                     *(f"  review: {reason}" for reason in r.report["quality"]["reasons"]),
+                     *(f"  warning: {w}" for w in r.report["warnings"])]
+            tqdm.write("\n".join(lines))
+    if part is not None:
+        print(f"part {part.part_id} of {part.num_parts}: summary {part.summary_file(Path(args.output_dir))}")
     print("Research use only.")
+    return 0
+
+
+def _raw_options(args: argparse.Namespace):
+    """``--raw`` and its companions as `RawOptions` (None without ``--raw``; companions alone are a mistake)."""
+    companions = {"--reference": args.reference, "--skull-stripped": args.skull_stripped, "--n4": args.n4,
+                  "--save-brain-mask": args.save_brain_mask, "--save-prepared": args.save_prepared}
+    if not args.raw:
+        given = [name for name, value in companions.items() if value]
+        if given:
+            raise NeuroMapError(f"{', '.join(given)} only apply to raw scans. Fix: add --raw, or leave them out.")
+        return None
+    from neuromap.prepare_raw import RawOptions
+
+    return RawOptions(reference=args.reference, skull_stripped=args.skull_stripped, n4=args.n4,
+                      save_brain_mask=args.save_brain_mask, save_prepared=args.save_prepared, threads=args.threads)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from neuromap.engines.onnx_export import export_command
+
+    print(export_command(args.model, args.format, args.output, args.overwrite))
     return 0
 
 
@@ -237,8 +280,6 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
-    if args.max_upload_mb <= 0:
-        raise NeuroMapError(f"--max-upload-mb must be positive, got {args.max_upload_mb}.")
     env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb)}
     if args.model:
         if not is_model(args.model):
@@ -276,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder when one is given); DICOM: MODALITY=SERIES")
     p.add_argument("--model", nargs="+", help="check that these models (shipped names or checkpoints) can run, "
                    "instead of the shipped ones")
+    p.add_argument("--raw", action="store_true", help="raw scans: check each sequence alone (grids may differ)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("preprocess", help="run preprocessing and print what it did (no files written)")
@@ -283,9 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities")
     p.add_argument("--map", nargs="+")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction (SimpleITK)")
-    p.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", nargs=3, type=VOXEL_SIZE, metavar=("X", "Y", "Z"), help="resample to this voxel "
+                   "size in mm (0.1-10)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
-    p.add_argument("--slice-range", nargs=2, type=int, metavar=("START", "STOP"),
+    p.add_argument("--slice-range", nargs=2, type=SLICE, metavar=("START", "STOP"),
                    help="2D mode: axial slices [START, STOP) of the RAS volume (the seed design used 60 135)")
     p.add_argument("--no-zscore", action="store_true", help="skip z-scoring (data already normalised)")
     p.set_defaults(func=cmd_preprocess)
@@ -295,12 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
     p.add_argument("--output-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--fold", type=int, help="train this cross-validation fold (k-fold split, folder fold_K)")
+    p.add_argument("--fold", type=FOLD, help="train this cross-validation fold (k-fold split, folder fold_K)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="cross-validation: train every fold (resumable), score every case out of fold")
     p.add_argument("config")
-    p.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all)")
+    p.add_argument("--folds", type=FOLD, nargs="+", help="only these folds (default: all)")
     p.add_argument("--output-dir")
     p.add_argument("--evaluate-only", action="store_true", help="skip training; score the trained folds")
     p.add_argument("--no-hd95", action="store_true")
@@ -317,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "when one is given); with a DICOM study MODALITY=SERIES (SeriesInstanceUID, series number or "
                    "exact description)")
     p.add_argument("--dicom-seg", action="store_true", help="DICOM input: also write <case>_seg.dcm (DICOM SEG)")
+    raw = p.add_argument_group("raw scans (sequences on their own grids, skull on, thick slices)")
+    raw.add_argument("--raw", action="store_true", help="co-register to a reference sequence, extract the brain "
+                     "(deepbet), resample to 1 mm, segment, and write the labels on the reference's own grid")
+    raw.add_argument("--reference", metavar="MOD", help="reference sequence (default t1ce, else flair)")
+    raw.add_argument("--skull-stripped", action="store_true", help="inputs are already skull-stripped: brain = "
+                     "non-zero voxels, no deepbet")
+    raw.add_argument("--n4", action="store_true", help="N4 bias-field correction inside the brain")
+    raw.add_argument("--save-brain-mask", action="store_true", help="also write <case>_brain_mask.nii.gz "
+                     "(reference grid)")
+    raw.add_argument("--save-prepared", action="store_true", help="also write <case>_<mod>_prepared.nii.gz "
+                     "(co-registered, 1 mm)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write <case>_uncertainty.nii.gz (input grid): per-voxel entropy of the probabilities, "
@@ -327,10 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=THREADS)
+    p.add_argument("--workers", type=int, metavar="N", help="batches: cases read ahead in background threads "
+                   "while the model runs (default 1, 0 = none; each holds one case in memory)")
+    p.add_argument("--engine", choices=["auto", "torch", "torch-compile", "onnxruntime", "openvino"], default="auto",
+                   help="what runs the network; auto = fastest installed CPU engine, else PyTorch (default)")
+    cluster = p.add_argument_group("cohorts on a cluster (nnU-Net's convention; see the README's SLURM example)")
+    cluster.add_argument("--num-parts", type=int, metavar="N", help="split the cases into N parts (case ids sorted, "
+                         "every N-th) and segment only --part-id's; writes summary_part_K_of_N.json")
+    cluster.add_argument("--part-id", type=int, metavar="K", help="which part, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
+    cluster.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs are "
+                         "complete; redo the others (replacing partial outputs of an interrupted run)")
+    p.add_argument("--neurological", action="store_true",
+                   help="overlay PNG in neurological convention (patient's right on the image's right); "
+                   "default radiological (patient's right on the left, as PACS show it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("export", help="write a model as ONNX (spec in its metadata; checked against PyTorch)")
+    p.add_argument("model", help="shipped model name or checkpoint path")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("-o", "--output", help="output file (default: ./<model>.onnx)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics per case, class and region (Dice, IoU, HD95, ...) + summary")
     p.add_argument("pred_dir")
@@ -355,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("app", help="start the web app (Streamlit) on localhost")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--max-upload-mb", type=float, default=300, help="upload limit per case in MB (default 300)")
+    p.add_argument("--port", type=PORT, default=8501)
+    p.add_argument("--max-upload-mb", type=UPLOAD_MB, default=300, help="upload limit per case in MB (default 300)")
     p.add_argument("--model", help="also offer this checkpoint path (or shipped model name) in the model list")
     p.set_defaults(func=cmd_app)
     return parser

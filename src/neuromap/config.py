@@ -7,7 +7,7 @@ so loading a model never needs the training config file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,15 @@ MODALITY_ALIASES: dict[str, str] = {
     "t2": "t2", "t2w": "t2",
     "flair": "flair", "t2f": "flair", "fla": "flair", "t2flair": "flair",
 }
+
+
+# Ranges of the numbers a user gives, declared once: the configs below validate with them and the command line's
+# argparse types are made from them (`neuromap.options`), so `--spacing 0 0 0` and a YAML `spacing: [0, 0, 0]`
+# get the same answer before any work.
+VoxelSize = Annotated[float, Field(ge=0.1, le=10.0, allow_inf_nan=False, description="mm; MRI voxels: ~0.2-7 mm")]
+SliceIndex = Annotated[int, Field(ge=0, description="axial slice; the upper end is checked against each volume")]
+Threads = Annotated[int, Field(ge=1, le=1024)]
+FoldIndex = Annotated[int, Field(ge=0, description="the upper end is split.folds - 1")]
 
 
 def canonical_modality(name: str) -> str:
@@ -50,9 +59,11 @@ class PreprocessConfig(Strict):
     )
     normalize: bool = True
     n4: bool = False
-    spacing: tuple[float, float, float] | None = Field(None, description="target voxel size in mm, None = keep")
+    spacing: tuple[VoxelSize, VoxelSize, VoxelSize] | None = Field(
+        None, description="target voxel size in mm, None = keep"
+    )
     mode: Literal["3d", "2d"] = "3d"
-    slice_range: tuple[int, int] | None = Field(
+    slice_range: tuple[SliceIndex, SliceIndex] | None = Field(
         None, description="2D: axial slices [start, stop) of the RAS volume; None = all slices"
     )
     slice_size: tuple[int, int] | None = Field(
@@ -69,6 +80,14 @@ class PreprocessConfig(Strict):
         if not mods or len(set(mods)) != len(mods):
             raise ValueError(f"modalities must be a non-empty list without repeats, got {value}")
         return mods
+
+    @field_validator("slice_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and value[0] >= value[1]:
+            kind = "reversed" if value[0] > value[1] else "empty"
+            raise ValueError(f"slice_range {list(value)} is {kind}: START must be below STOP (slices START..STOP-1)")
+        return value
 
     @property
     def in_channels(self) -> int:
@@ -164,7 +183,7 @@ class SplitConfig(Strict):
     mode: Literal["ratio", "kfold", "all"] = "ratio"
     ratios: tuple[float, ...] = (0.6, 0.25, 0.15)
     folds: int = Field(5, ge=2)
-    fold: int = Field(0, ge=0)
+    fold: FoldIndex = 0
 
     @field_validator("ratios")
     @classmethod
@@ -175,10 +194,14 @@ class SplitConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """One experiment. ``neuromap train CONFIG.yaml`` reads this; every field has a CPU-friendly default."""
+    """One experiment. ``neuromap train CONFIG.yaml`` reads this; every field has a CPU-friendly default, except
+    that the data must be named: ``data_roots`` is empty until a config sets it, and training refuses that."""
 
     name: str = "experiment"
-    data_roots: list[str] = Field(default_factory=lambda: ["../shared/data/brats2018"])
+    data_roots: list[str] = Field(
+        default_factory=list, description="folders of labelled cases; none by default, so a run never trains on (or "
+        "complains about) a folder nobody named"
+    )
     task: Literal["brats", "binary"] = "brats"
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -222,7 +245,7 @@ class TrainConfig(Strict):
     init_checkpoint: str | None = Field(
         None, description="start from this checkpoint's weights where names and shapes match (pretraining)"
     )
-    threads: int | None = Field(None, ge=1)
+    threads: Threads | None = None
     loader_workers: int = Field(
         1, ge=0, le=8, description="processes preparing augmented batches while the model trains (0 = inline)"
     )
@@ -260,6 +283,9 @@ class TrainConfig(Strict):
         return get_task(self.task, self.model.out).out_channels()
 
 
+MAX_WORKERS = 8
+
+
 class InferenceConfig(Strict):
     """How `neuromap segment` runs a model; defaults are the shipped behaviour."""
 
@@ -276,7 +302,18 @@ class InferenceConfig(Strict):
     )
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1)
+    threads: Threads | None = None
+    # Each reader holds one prepared case (about 0.5 GB for a 240x240x155 four-sequence case) and competes with
+    # the model for the CPU, so more readers than the model stage can hide only cost memory.
+    workers: int = Field(1, ge=0, le=MAX_WORKERS, description="batches: cases read and prepared in background "
+                         "threads while the model runs on the current one (0: read in turn)")
+    engine: Literal["auto", "torch", "torch-compile", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the network (neuromap.engines): auto = the fastest installed CPU engine "
+        "(measured: docs/experiments/inference_engines.md), PyTorch when none is installed or on a GPU"
+    )
+    picture_convention: Literal["radiological", "neurological"] = Field(
+        "radiological", description="overlay PNG left-right: radiological puts the patient's right on the left"
+    )
     uncertainty: bool = Field(False, description="also write <case>_uncertainty.nii.gz (`neuromap.uncertainty`)")
     probabilities: bool = Field(False, description="also write <case>_probabilities.nii.gz, one channel per "
                                 "region or tumour class, uint8 = round(255 p)")

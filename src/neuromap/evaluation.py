@@ -27,7 +27,9 @@ from neuromap import lesionwise
 from neuromap.errors import NeuroMapError
 from neuromap.evaluation_tables import boxplot_png, csv_bytes, hd95_short, summarise
 from neuromap.io import label_files, write_bytes_atomic
+from neuromap.io.folder_roles import check_prediction_folder
 from neuromap.io.layout import LabelFile
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.labels import CONVENTIONS
 from neuromap.metrics import CONVENTIONS_TEXT
 from neuromap.report import RESEARCH_NOTICE
@@ -182,8 +184,8 @@ def evaluate(
     _check_convention(gt_labels, "ground truth")
     lesion_rules = lesionwise.check_request(lesion_wise, lesion_rules, task)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NeuroMapError(f"{out}: output path is a file. Fix: give a folder for the evaluation results.")
+    check_writable_folder(out, "evaluation results")
+    check_prediction_folder(_folder(pred_dir, "prediction"), _folder(gt_dir, "ground-truth"))
     pairs, unmatched = pair_cases(prediction_files(pred_dir), ground_truth_files(gt_dir), allow_missing)
     layouts = {gt.layout for _, gt in pairs}
     if len(layouts) > 1:

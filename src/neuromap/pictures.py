@@ -7,6 +7,7 @@ import io as _io
 
 import numpy as np
 
+from neuromap.glyphs import drawable
 from neuromap.report import RESEARCH_NOTICE
 
 TRUTH_COLOUR = (0.2, 0.9, 1.0)
@@ -32,9 +33,15 @@ def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _suptitle(fig, text: str, fontsize: float) -> None:
+    """The figure title in fonts that draw every character of it (case names may be in any script)."""
+    shown, families = drawable(text)
+    fig.suptitle(shown, fontsize=fontsize, fontfamily=families)
 
 
 def tumour_centre(labels: np.ndarray) -> tuple[int, int, int]:
@@ -45,12 +52,38 @@ def tumour_centre(labels: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(round(v)) for v in idx.mean(axis=0))
 
 
-def overlay_png(background: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], title: str,
-                legend: dict[int, str], colours: Colours, alpha: float = 0.45) -> bytes:
-    """Axial, coronal and sagittal slices through the tumour centre with a colour legend.
+# The plane an axis code belongs to: an axial slice is one index along the file axis that runs inferior-superior.
+PLANE_OF_CODE = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "R": "sagittal", "L": "sagittal"}
+CONVENTIONS = ("radiological", "neurological")
 
-    Inputs are RAS-ordered arrays (x right, y anterior, z superior) so the pictures have a fixed, radiological-free
-    layout: anterior up in axial views, superior up in the others.
+
+def plane_axes(affine: np.ndarray) -> dict[str, int]:
+    """Which file axis each anatomical plane indexes, from the axis codes of the affine (oblique scans: the
+    closest axis, as nibabel's orientation code takes it)."""
+    import nibabel as nib
+
+    return {PLANE_OF_CODE[code]: axis for axis, code in enumerate(nib.aff2axcodes(affine))}
+
+
+def view_letters(plane: str, radiological: bool) -> tuple[str, str, str, str]:
+    """Orientation letters (left, right, top, bottom) of a view as `overlay_png` draws it. Radiological puts the
+    patient's right on the image's left (as PACS do), neurological on its right; sagittal views face left
+    (anterior on the left) in both, as radiology reading software shows them."""
+    if plane == "sagittal":
+        return "A", "P", "S", "I"
+    left, right = ("R", "L") if radiological else ("L", "R")
+    return (left, right, "A", "P") if plane == "axial" else (left, right, "S", "I")
+
+
+def overlay_png(background: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], title: str,
+                legend: dict[int, str], colours: Colours, alpha: float = 0.45, *, ras_affine: np.ndarray | None = None,
+                file_affine: np.ndarray | None = None, volumes_text: str = "", radiological: bool = True) -> bytes:
+    """Axial, coronal and sagittal slices through the tumour centre with orientation letters and a colour legend.
+
+    Inputs are RAS-ordered arrays (x right, y anterior, z superior). ``radiological`` (the default) mirrors the
+    axial and coronal views so the patient's right is on the image's left. With ``ras_affine`` (voxel -> mm of
+    the RAS arrays) each view is titled with its position in mm, and with ``file_affine`` also with its slice
+    number in the file as other viewers count it; ``volumes_text`` is printed under the title.
     """
     import matplotlib
 
@@ -58,24 +91,54 @@ def overlay_png(background: np.ndarray, labels: np.ndarray, spacing: tuple[float
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    cx, cy, cz = tumour_centre(labels)
+    centre = tumour_centre(labels)
+    cx, cy, cz = centre
     lo, hi = intensity_window(background)
-    views = [
-        ("axial", background[:, :, cz], labels[:, :, cz], spacing[1] / spacing[0]),
-        ("coronal", background[:, cy, :], labels[:, cy, :], spacing[2] / spacing[0]),
-        ("sagittal", background[cx, :, :], labels[cx, :, :], spacing[2] / spacing[1]),
+    views = [  # name, RAS axis held, picture (rows = second in-plane axis), pixel aspect, mirror left-right
+        ("axial", 2, background[:, :, cz], labels[:, :, cz], spacing[1] / spacing[0], radiological),
+        ("coronal", 1, background[:, cy, :], labels[:, cy, :], spacing[2] / spacing[0], radiological),
+        ("sagittal", 0, background[cx, :, :], labels[cx, :, :], spacing[2] / spacing[1], True),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
-    for ax, (name, img, lab, aspect) in zip(axes, views, strict=True):
-        ax.imshow(img.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
-        ax.imshow(_rgba(lab.T, colours, alpha), origin="lower", aspect=aspect)
-        ax.set_title(name)
+    positions = _slice_positions(centre, labels.shape, ras_affine, file_affine)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.9))
+    for ax, (name, axis, img, lab, aspect, mirror) in zip(axes, views, strict=True):
+        img, lab = img.T, lab.T
+        if mirror:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        ax.imshow(_rgba(lab, colours, alpha), origin="lower", aspect=aspect, interpolation="nearest")
+        ax.set_title(f"{name}{positions[axis]}", fontsize=10)
         ax.axis("off")
+        left, right, top, bottom = view_letters(name, radiological)
+        letter = {"color": "yellow", "fontsize": 12, "fontweight": "bold", "transform": ax.transAxes}
+        ax.text(0.02, 0.5, left, ha="left", va="center", **letter)
+        ax.text(0.98, 0.5, right, ha="right", va="center", **letter)
+        ax.text(0.5, 0.98, top, ha="center", va="top", **letter)
+        ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **letter)
     handles = [Patch(color=colours[k], label=text) for k, text in legend.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
-    fig.suptitle(f"{title}\n{RESEARCH_NOTICE}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    convention = ("radiological: patient's right on the image's left" if radiological
+                  else "neurological: patient's right on the image's right")
+    lines = [title, f"{volumes_text}  ({convention})" if volumes_text else f"({convention})", RESEARCH_NOTICE]
+    _suptitle(fig, "\n".join(lines), 10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _png(fig)
+
+
+def _slice_positions(centre: tuple[int, int, int], shape: tuple[int, ...], ras_affine: np.ndarray | None,
+                     file_affine: np.ndarray | None) -> list[str]:
+    """Per RAS axis, the title suffix of the view that holds it: ', z = 12.0 mm (slice 78/155)'."""
+    if ras_affine is None:
+        return [""] * 3
+    mm = (ras_affine @ np.array([*centre, 1.0]))[:3]
+    texts = [f", {letter} = {mm[axis]:.1f} mm" for axis, letter in enumerate("xyz")]
+    if file_affine is not None:
+        voxel = np.rint(np.linalg.solve(file_affine, np.array([*mm, 1.0]))[:3]).astype(int)
+        file_axis = plane_axes(file_affine)
+        for axis, plane in enumerate(("sagittal", "coronal", "axial")):
+            k = file_axis[plane]
+            texts[axis] += f" (slice {voxel[k] + 1}/{shape[axis]})"
+    return texts
 
 
 def montage_slices(labels: np.ndarray, truth: np.ndarray | None, limit: int) -> list[int]:
@@ -127,6 +190,5 @@ def montage_png(background: np.ndarray, labels: np.ndarray, slice_names: list[st
         handles.append(Line2D([], [], color=TRUTH_COLOUR, label="ground truth (outline)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
     with_abnormality = "with abnormality" if labels.any() or (truth is not None and truth.any()) else "(middle)"
-    fig.suptitle(f"{title}\n{len(shown)} slices {with_abnormality} of {labels.shape[-1]}. {RESEARCH_NOTICE}",
-                 fontsize=9)
+    _suptitle(fig, f"{title}\n{len(shown)} slices {with_abnormality} of {labels.shape[-1]}. {RESEARCH_NOTICE}", 9)
     return _png(fig)

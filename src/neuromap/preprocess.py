@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from neuromap.config import PreprocessConfig
 from neuromap.errors import NeuroMapError
+from neuromap.io.header_checks import check_voxel_count
 from neuromap.io.nifti import Volume
 
 
@@ -194,10 +195,11 @@ def prepare(volume: Volume, cfg: PreprocessConfig) -> Prepared:
     ras_shape = tuple(image.shape[-3:])
     bbox = list(brain_bbox(mask, cfg.crop_margin))
     if cfg.mode == "2d" and cfg.slice_range is not None:
-        start, stop = cfg.slice_range
-        if not 0 <= start < stop <= image.shape[-1]:
+        start, stop = cfg.slice_range  # 0 <= start < stop: checked by PreprocessConfig
+        if stop > image.shape[-1]:
             raise NeuroMapError(
-                f"slice_range {cfg.slice_range} is outside the volume's {image.shape[-1]} axial slices."
+                f"case '{volume.case.case_id}': slice_range {list(cfg.slice_range)} ends after the last axial slice: "
+                f"the volume has {image.shape[-1]} (slices 0..{image.shape[-1] - 1}). Fix: STOP <= {image.shape[-1]}."
             )
         bbox[2] = (start, stop)
     bbox = tuple(bbox)
@@ -213,6 +215,9 @@ def prepare(volume: Volume, cfg: PreprocessConfig) -> Prepared:
         target = (*cfg.slice_size, crop_shape[2])
     elif cfg.spacing is not None:
         target = tuple(max(1, round(n * s / t)) for n, s, t in zip(crop_shape, ras_spacing, cfg.spacing, strict=True))
+        check_voxel_count(target, f"case '{volume.case.case_id}': resampling its {'x'.join(map(str, crop_shape))} "
+                          f"brain crop to {cfg.spacing} mm voxels gives {'x'.join(map(str, target))}",
+                          "Fix: choose a coarser spacing.")
     else:
         target = crop_shape
     image = resize(image, target, linear=True).astype(np.float32)

@@ -18,7 +18,7 @@ RESEARCH_NOTICE = "Research use only. Not for diagnosis or treatment decisions."
 
 def case_report(
     volume: Volume, spec: ModelSpec, task: Task, model_files: list[Path], cfg: InferenceConfig, convention: str,
-    internal: np.ndarray, warnings: list[str], device: str, extra: dict,
+    internal: np.ndarray, warnings: list[str], device: str, engine: str, extra: dict,
 ) -> dict:
     """The report of one case. Volumes list the task's structures, in mL, or as None (with voxel counts) where
     the files store no voxel size."""
@@ -39,4 +39,5 @@ def case_report(
         **extra,
         "warnings": warnings,
         "device": device,
+        "engine": engine,  # what ran the network (neuromap.engines)
     }

@@ -81,8 +81,8 @@ def check_total_size(sizes: list[int], limit_bytes: int) -> None:
     if total > limit_bytes:
         raise NeuroMapError(
             f"upload is {total / 2**20:.1f} MB, more than the limit of {limit_bytes / 2**20:.3g} MB per case. "
-            "Fix: upload only the sequence files of one case (compressed .nii.gz), or start the app with a "
-            "larger --max-upload-mb."
+            "Fix: upload only the sequence files of one case (compressed .nii.gz), or ask whoever runs the app "
+            "for a larger upload limit."
         )
 
 
@@ -275,9 +275,9 @@ def extract_case_zip(
     return staged, ignored
 
 
-def build_case_folder(choices: dict[Path, str], folder: Path, case_id: str) -> Path:
-    """Copy the chosen files into ``folder`` as ``<case_id>_<modality>.nii[.gz]`` so `neuromap.segment` reads
-    them through the same case discovery as any folder. ``choices`` maps staged file -> modality or IGNORE."""
+def chosen_files(choices: dict[Path, str]) -> dict[str, Path]:
+    """Modality -> staged file from the page's choices (staged file -> modality or IGNORE); refused when two
+    files are set to one sequence or none is set, so the page can say so before anything runs."""
     chosen: dict[str, Path] = {}
     for path, modality in choices.items():
         if modality == IGNORE:
@@ -292,9 +292,42 @@ def build_case_folder(choices: dict[Path, str], folder: Path, case_id: str) -> P
         chosen[modality] = path
     if not chosen:
         raise NeuroMapError("no file is assigned to a sequence (t1, t1ce, t2, flair). Fix: choose the sequences.")
+    return chosen
+
+
+def build_case_folder(choices: dict[Path, str], folder: Path, case_id: str) -> Path:
+    """Copy the chosen files into ``folder`` as ``<case_id>_<modality>.nii[.gz]`` so `neuromap.segment` reads
+    them through the same case discovery as any folder. ``choices`` maps staged file -> modality or IGNORE."""
+    chosen = chosen_files(choices)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for modality, path in chosen.items():
         suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
         shutil.copyfile(path, folder / f"{case_id}_{modality}{suffix}")
     return folder
+
+
+# What a web user can do instead of a command-line fix, by the flag the message names (first match wins).
+WEB_FIXES = (
+    ("--map", "upload the missing sequence and set each file's sequence in the table, or choose a model that needs "
+              "only the sequences you have."),
+    ("--model", "upload the missing sequence files, or choose (or upload) a model that needs only the sequences "
+                "you have."),
+    ("--labels", "set that file to 'ignore (not used)' in the table; the app does not need a label file."),
+)
+
+
+def web_message(message: str, root: Path, names: dict[str, str]) -> str:
+    """A `NeuroMapError` message reworded for the web page: paths inside the session folder ``root`` become the
+    file names the user uploaded (``names``: name in the session folder -> uploaded name; the case folder
+    becomes 'the uploaded case'), and a 'Fix:' that names a command-line flag becomes what to do on the page."""
+    def file_name(match: re.Match) -> str:
+        name = PurePosixPath(match.group(0)).name
+        return names.get(name, name) if "." in name else "the uploaded case"
+
+    text = re.sub(re.escape(str(root)) + r"[^\s'\",;:)\]]*", file_name, message)
+    head, sep, fix = text.partition("Fix:")
+    if sep and re.search(r"(^|\s|\()--?[a-z]", fix):
+        web_fix = next((advice for flag, advice in WEB_FIXES if flag in fix), None)
+        return f"{head}Fix: {web_fix}" if web_fix else head.rstrip()
+    return text

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from neuromap.errors import NeuroMapError
@@ -32,6 +33,7 @@ from neuromap.io.dicom_map import map_study
 from neuromap.io.dicom_seg import write_dicom_seg
 from neuromap.io.layout import MAP_OUTPUTS, LabelFile, Prediction
 from neuromap.io.nifti import NiftiLayout
+from neuromap.io.plausibility import check_sequences
 
 DICOM_SEG = "seg.dcm"
 
@@ -75,22 +77,15 @@ class DicomLayout(NiftiLayout):
 
     # ------------------------------------------------------------------------------------- loading
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
         """Check and read the series into a `Volume` in the reference series' grid; the study's mapping
-        warnings (sequences not found) come with it.
+        warnings (sequences not found) and the plausibility warnings (`neuromap.io.plausibility`) come with it.
 
         All series must share one grid: segmenting series from different grids needs raw-scan preparation
         (co-registration), which is a separate step, so it is refused here with that fix in the message."""
         choice = case.study
         modalities = list(modalities or case.modalities)
-        missing = [m for m in modalities if m not in case.images]
-        if missing:
-            raise NeuroMapError(
-                f"DICOM study {case.root}: no series for {missing}.\n{choice.listing()}\n"
-                f"Fix: name them with --map, e.g. --map {missing[0]}=SERIES_UID (or the series number or description)."
-            )
+        self.require(case, modalities)
         if with_seg:
             raise NeuroMapError(f"DICOM study {case.root}: has no ground-truth segmentation to read.")
         series = [case.images[m].series for m in modalities]
@@ -103,17 +98,30 @@ class DicomLayout(NiftiLayout):
                 f"{reference.label()}; different: {'; '.join(off_grid)}). Segmenting them needs raw-scan preparation "
                 "(co-registration to the reference sequence). Fix: run with --raw, or map series acquired on one grid."
             )
-        if check_only:
-            return None
         with ThreadPoolExecutor(max_workers=min(2, len(series))) as pool:
             channels = list(pool.map(read_series, series))
-        problems = [f"DICOM series {s.label()}: {why}" for s, data in zip(series, channels, strict=True)
-                    for why in (["contains NaN or infinite values"] if not np.all(np.isfinite(data)) else
-                                ["is all zero (empty)"] if not data.any() else [])]
-        if problems:
-            raise NeuroMapError("\n".join(problems))
+        findings = check_sequences(channels, modalities, [f"DICOM series {s.label()}" for s in series])
+        if findings.problems:
+            raise NeuroMapError("\n".join(findings.problems))
         return Volume(case=case, image=np.stack(channels), modalities=modalities,
-                      reference=reference_image(reference), warnings=list(choice.warnings))
+                      reference=reference_image(reference),
+                      warnings=[*self.notes(case), *findings.warnings])
+
+    def require(self, case: Case, modalities: list[str]) -> None:
+        missing = [m for m in modalities if m not in case.images]
+        if missing:
+            raise NeuroMapError(
+                f"DICOM study {case.root}: no series for {missing}.\n{case.study.listing()}\n"
+                f"Fix: name them with --map, e.g. --map {missing[0]}=SERIES_UID (or the series number or description)."
+            )
+
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        self.require(case, [modality])
+        series = case.images[modality].series
+        return read_series(series), reference_image(series)
+
+    def notes(self, case: Case) -> list[str]:
+        return list(case.study.warnings)
 
     # ------------------------------------------------------------------------------------- outputs
 

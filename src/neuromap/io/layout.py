@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from neuromap.errors import NeuroMapError
 from neuromap.io.case import Case, Volume
 
 if TYPE_CHECKING:
@@ -66,7 +67,9 @@ class Prediction:
     internal: np.ndarray  # internal labels in the input grid
     labels: nib.Nifti1Image  # ``internal`` in the output label convention, input grid and header
     task: Task
-    ras: Callable[[np.ndarray], np.ndarray]  # input-grid array -> RAS order at input resolution (for pictures)
+    # An array on the grid the model's input was loaded on -> RAS at that resolution (for pictures). That grid is
+    # the input grid, except for raw scans, whose pictures are drawn on their 1 mm working grid.
+    ras: Callable[[np.ndarray], np.ndarray]
     ras_spacing: tuple[float, float, float]
 
 
@@ -94,14 +97,45 @@ class Layout:
         """The cases of a folder this layout claims."""
         raise NotImplementedError
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
-        """Validate and load; every problem is raised together in one NeuroMapError. ``with_seg`` None loads the
-        segmentation when there is one, True requires it, False skips it. ``check_only`` returns None."""
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
+        """Validate and load; every problem is raised together in one NeuroMapError, what is merely odd goes to
+        the volume's ``warnings``. ``with_seg`` None loads the segmentation when there is one, True requires it,
+        False skips it."""
         raise NotImplementedError
 
+    def check(self, case: Case, modalities: list[str] | None = None) -> list[str]:
+        """Validate without segmenting (``neuromap validate``): every problem raised together, the warnings a
+        segmentation would report returned. A full `load` by default, since the values are part of what is
+        checked; layouts whose loading does more than reading (raw scans: registration) check less."""
+        return self.load(case, modalities).warnings
+
+    def require(self, case: Case, modalities: list[str]) -> None:
+        """Raise the user's message when ``case`` lacks any of ``modalities``."""
+        missing = [m for m in modalities if m not in case.images]
+        if missing:
+            raise NeuroMapError(
+                f"case '{case.case_id}' ({case.root}): missing modality {missing} (found: {case.modalities}). "
+                "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
+            )
+
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """One sequence alone, on its own grid: its (X, Y, Z) array and an image whose affine and header describe
+        that grid. Raw-scan preparation (`neuromap.prepare_raw`) reads sequences this way, as each may lie on its
+        own grid; `load` instead checks that they share one."""
+        raise NotImplementedError
+
+    def notes(self, case: Case) -> list[str]:
+        """What a reader of the results must know about how the case was found (e.g. the sequences a DICOM study
+        lacks); `load` puts them into the volume's warnings."""
+        return []
+
     # ---- outputs of a segmentation
+    def output_grid(self, volume: Volume, internal: np.ndarray) -> tuple[Volume, np.ndarray]:
+        """The volume whose grid the outputs are written on, and the labels on it, from the loaded volume and the
+        (postprocessed) labels on its grid. The loaded grid is the input grid for every layout that reads cases
+        as they are; raw-scan preparation maps its 1 mm working grid back to the reference sequence's grid."""
+        return volume, internal
+
     def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
         """The outputs by name (``label_key``, "report.json", "overlay.png" and the requested ``optional`` ones),
         as `SegmentResult.files` gives them."""
@@ -116,8 +150,10 @@ class Layout:
         """Write the labels under temporary names that ``stack`` renames together with the other outputs."""
         raise NotImplementedError
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        """The overview PNG and any warnings about it."""
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
+        """The overview PNG (left-right as ``radiological`` says, where the layout knows the orientation) and any
+        warnings about it."""
         raise NotImplementedError
 
     def report_extra(self, prediction: Prediction) -> dict:

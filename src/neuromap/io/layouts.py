@@ -55,16 +55,15 @@ def discover_cases(root: str | Path) -> list[Case]:
     return cases
 
 
-def load_case(
-    case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-) -> Volume | None:
+def load_case(case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
     """Validate and load ``case`` through its layout (see `Layout.load`)."""
-    return case.layout.load(case, modalities, with_seg=with_seg, check_only=check_only)
+    return case.layout.load(case, modalities, with_seg=with_seg)
 
 
-def validate_case(case: Case, modalities: list[str] | None = None) -> None:
-    """Raise NeuroMapError listing every problem with ``case``; return None when it is usable."""
-    case.layout.load(case, modalities, check_only=True)
+def validate_case(case: Case, modalities: list[str] | None = None) -> list[str]:
+    """Raise NeuroMapError listing every problem with ``case``; when it is usable, return the warnings a
+    segmentation of it would report (see `Layout.check`)."""
+    return case.layout.check(case, modalities)
 
 
 def label_files(root: Path, predicted: bool) -> list[LabelFile]:

@@ -129,9 +129,7 @@ class LggSliceLayout(Layout):
 
     # ------------------------------------------------------------------------------------- loading
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
         """Stack every slice into image (C, rows, cols, N) and seg (rows, cols, N).
 
         Every slice must be readable, rows x cols x 3 uint8 with one common size; masks 2D of that size and
@@ -189,8 +187,6 @@ class LggSliceLayout(Layout):
         empty = [m for m in modalities if not stack[:, :, CHANNELS[m]].any()]
         if empty:
             raise NeuroMapError(f"case '{case.case_id}' ({case.root}): the {empty} channel is all zero in every slice.")
-        if check_only:
-            return None
         image = stack[:, :, [CHANNELS[m] for m in modalities]].transpose(2, 0, 1, 3).astype(np.float32)
         # A zero-strided view gives the reference its shape without allocating a volume nobody reads.
         reference = nib.Nifti1Image(np.broadcast_to(np.uint8(0), stack.shape[:2] + stack.shape[3:]), np.eye(4))
@@ -211,6 +207,12 @@ class LggSliceLayout(Layout):
                 + (f"the model read {', '.join(used)} as if it were real" if used else "the model does not use them")
             )
         return warnings
+
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        raise NeuroMapError(
+            f"case '{case.case_id}' ({case.root}): --raw prepares 3D scans (NIfTI files or DICOM series); this is a "
+            "folder of 2D slice images with no geometry to register. Fix: leave out --raw."
+        )
 
     # ------------------------------------------------------------------------------------- outputs
 
@@ -257,9 +259,11 @@ class LggSliceLayout(Layout):
         return {"slices": {"count": len(numbers),
                            "with_abnormality": [n for n, p in zip(numbers, present, strict=True) if p]}}
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
         """Ground-truth masks, when the folder has them, are outlined; they are read again here (small files)
-        because segmentation itself must not depend on them: a folder with some masks missing still segments."""
+        because segmentation itself must not depend on them: a folder with some masks missing still segments.
+        The .tif slices store no orientation, so they are drawn as stored whatever ``radiological`` says."""
         case, truth, notes = prediction.case, None, []
         if case.seg is not None:
             try:

@@ -33,8 +33,10 @@ from neuromap.io.case import (
     split_name_token,
     visible_files,
 )
+from neuromap.io.header_checks import grid_difference
 from neuromap.io.layout import MAP_OUTPUTS, LabelFile, LabelPair, Layout, Prediction
 from neuromap.io.nifti_files import AFFINE_TOLERANCE, open_nifti, read_nifti, spatial_shape
+from neuromap.io.plausibility import check_distinct_files, check_sequences
 from neuromap.labels import guess_convention, to_internal
 from neuromap.pictures import overlay_png
 
@@ -127,7 +129,8 @@ class NiftiLayout(Layout):
         seg = mask = None
         for key, path in mapping.items():
             if not Path(path).is_file():
-                raise NeuroMapError(f"{path}: file given for '{key}' does not exist. Fix: check the mapping.")
+                what = "is not a regular file" if Path(path).exists() else "does not exist"
+                raise NeuroMapError(f"{path}: file given for '{key}' {what}. Fix: check the mapping.")
             if key.lower() in SEG_TOKENS:
                 seg = ImageRef(Path(path))
             elif key.lower() in MASK_TOKENS:
@@ -166,36 +169,32 @@ class NiftiLayout(Layout):
 
     # ------------------------------------------------------------------------------------- loading
 
-    def load(
-        self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None, check_only: bool = False
-    ) -> Volume | None:
-        """Every requested modality present, 3D, same shape and affine, finite, not all zero; segmentation (if
-        any) integral with known labels; brain mask (if any) of the same shape and not empty."""
+    def load(self, case: Case, modalities: list[str] | None = None, with_seg: bool | None = None) -> Volume:
+        """Every requested modality present, each from its own file, 3D, on one voxel grid, and a plausible MRI
+        sequence (`neuromap.io.plausibility`); segmentation (if any) integral with known labels; brain mask (if
+        any) of the same shape and not empty."""
         modalities = list(modalities or case.modalities)
         problems: list[str] = []
-        missing = [m for m in modalities if m not in case.images]
-        if missing:
-            raise NeuroMapError(
-                f"case '{case.case_id}' ({case.root}): missing modality {missing} (found: {case.modalities}). "
-                "Fix: add the file(s), map them with --map, or choose a model that needs only the sequences present."
-            )
+        self.require(case, modalities)
         refs = [case.images[m] for m in modalities]
+        check_distinct_files(dict(zip(modalities, refs, strict=True)))
         headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
         first_ref, first = refs[0], headers[0]
         shape0 = spatial_shape(first, first_ref)
+        off_grid = []
         for ref, img in zip(refs, headers, strict=True):
             shape = spatial_shape(img, ref)
             if len(shape) != 3:
                 problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
-            elif shape != shape0:
-                problems.append(
-                    f"{ref}: shape {shape} differs from {first_ref.path.name} {shape0}. Fix: co-register / resample."
-                )
-            elif not np.allclose(img.affine, first.affine, atol=AFFINE_TOLERANCE):
-                problems.append(
-                    f"{ref}: affine differs from {first_ref.path.name} (voxel grids not aligned). "
-                    "Fix: co-register the sequences to one grid."
-                )
+            elif difference := grid_difference(img, first, shape, shape0, AFFINE_TOLERANCE):
+                off_grid.append(f"{ref}: voxel grid differs from {first_ref.path.name}: {difference}")
+        if off_grid:
+            problems.append(
+                f"case '{case.case_id}' ({case.root}): the sequences are on different voxel grids (raw scans, not "
+                "co-registered):\n  " + "\n  ".join(off_grid) + "\nFix: run with --raw (co-registration, brain "
+                "extraction and resampling to 1 mm; Python: raw=True), or co-register the sequences to one grid "
+                "yourself."
+            )
         seg_img = None
         if case.seg is not None and with_seg is not False:
             seg_img = open_nifti(case.seg, "segmentation")
@@ -211,11 +210,8 @@ class NiftiLayout(Layout):
         # gzip decompression releases the GIL, so the sequences are read in parallel threads (~2x on 2 cores).
         with ThreadPoolExecutor(max_workers=min(4, len(refs))) as pool:
             channels = list(pool.map(read_nifti, headers, refs))
-        for ref, data, mod in zip(refs, channels, modalities, strict=True):
-            if not np.all(np.isfinite(data)):
-                problems.append(f"{ref}: contains NaN or infinite values. Fix: re-export the {mod} image.")
-            elif not np.any(data):
-                problems.append(f"{ref}: the {mod} image is all zero (empty).")
+        findings = check_sequences(channels, modalities, [str(r) for r in refs])
+        problems += findings.problems
         seg = None
         if seg_img is not None:
             raw = read_nifti(seg_img, case.seg, integral=True)
@@ -238,10 +234,15 @@ class NiftiLayout(Layout):
                     problems.append(f"{case.brain_mask}: brain mask is empty.")
         if problems:
             raise NeuroMapError("\n".join(problems))
-        if check_only:
-            return None
         return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
-                      reference=first, seg=seg, brain_mask=brain_mask)
+                      reference=first, seg=seg, brain_mask=brain_mask, warnings=findings.warnings)
+
+    def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        self.require(case, [modality])
+        ref = case.images[modality]
+        image = open_nifti(ref, f"{modality} image")
+        spatial_shape(image, ref)  # a 4D file is accepted only as one channel (MSD)
+        return read_nifti(image, ref), image
 
     # ------------------------------------------------------------------------------------- outputs
 
@@ -256,11 +257,18 @@ class NiftiLayout(Layout):
                      overwrite: bool) -> None:
         nib.save(prediction.labels, str(stack.enter_context(atomic_path(files[self.label_key], overwrite))))
 
-    def picture(self, prediction: Prediction, background: np.ndarray, title: str) -> tuple[bytes, list[str]]:
-        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution."""
-        task = prediction.task
+    def picture(self, prediction: Prediction, background: np.ndarray, title: str,
+                radiological: bool = True) -> tuple[bytes, list[str]]:
+        """Axial, coronal and sagittal views through the tumour centre, in RAS at input resolution, titled with
+        their positions in mm and slice numbers in the file, with the headline volumes."""
+        task, reference = prediction.task, prediction.volume.reference
+        ras_affine = reference.affine @ nib.orientations.inv_ornt_aff(nib.io_orientation(reference.affine),
+                                                                       reference.shape[:3])
+        voxels = task.volume_voxels(prediction.internal)
+        volumes = " · ".join(f"{key} {voxels[key] * prediction.volume.voxel_ml:.1f} mL" for key in task.headline)
         return overlay_png(prediction.ras(background), prediction.ras(prediction.internal), prediction.ras_spacing,
-                           title, task.legend, task.colours), []
+                           title, task.legend, task.colours, ras_affine=ras_affine, file_affine=reference.affine,
+                           volumes_text=volumes, radiological=radiological), []
 
     # ------------------------------------------------------------------------------------- labels back
 

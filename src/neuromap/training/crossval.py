@@ -77,8 +77,8 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
     return summary
 
 
-def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
-    """Markdown: one row per case (fold, Dice and HD95 per region), then mean, median, min and n per column."""
+def per_case_scores(metrics_csv: Path, task: str) -> dict[str, dict[str, float]]:
+    """Case -> ``dice_<region>``, ``hd95_<region>`` for the task's headline regions, plus ``dice_mean`` over them."""
     with open(metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     structures = get_task(task).headline  # WT, TC, ET for BraTS; abnormality for binary: all regions
@@ -87,11 +87,20 @@ def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
         if row["structure"] in structures and row["kind"] == "region":
             per_case.setdefault(row["case_id"], {})[f"dice_{row['structure']}"] = float(row["dice"])
             per_case[row["case_id"]][f"hd95_{row['structure']}"] = float(row["hd95"]) if row.get("hd95") else np.nan
-    columns = [f"dice_{s}" for s in structures] + [f"hd95_{s}" for s in structures]
     if len(structures) > 1:
         for values in per_case.values():
             values["dice_mean"] = float(np.mean([values[f"dice_{s}"] for s in structures]))
+    return per_case
+
+
+def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
+    """Markdown: one row per case (fold, Dice and HD95 per region), then mean, median, min and n per column."""
+    structures = get_task(task).headline
+    per_case = per_case_scores(metrics_csv, task)
+    columns = [f"dice_{s}" for s in structures] + [f"hd95_{s}" for s in structures]
+    if len(structures) > 1:
         columns.insert(len(structures), "dice_mean")
+
     def cell(column: str, value: float) -> str:
         return f"{value:.3f}" if column.startswith("dice") else f"{value:.1f}"
 

@@ -81,6 +81,11 @@ class PreparedCase:
 
 
 def find_training_cases(roots: list[str]) -> list[Case]:
+    if not roots:
+        raise NeuroMapError(
+            "the config names no data_roots (the folders of labelled cases to train on). "
+            "Fix: add e.g. 'data_roots: [../shared/data/brats2018]' to the config."
+        )
     cases: list[Case] = []
     for root in roots:
         cases.extend(c for c in discover_cases(root) if c.seg is not None)

@@ -7,6 +7,7 @@ Multi-process training goes through torchrun + DistributedDataParallel (gloo on 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -14,6 +15,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from neuromap.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from neuromap.config import InferenceConfig, TrainConfig
 from neuromap.errors import NeuroMapError
 from neuromap.inference import predict_probs
+from neuromap.io.atomic import atomic_path
+from neuromap.io.output_checks import check_writable_folder
 from neuromap.tasks import task_of
 from neuromap.training.data import (
     PatchDataset,
@@ -123,16 +127,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         raise NeuroMapError(f"{last_path}: nothing to resume (no last checkpoint). Fix: start without --resume.")
     if not resume and last_path.exists():
         raise NeuroMapError(f"{run_dir}: a run already exists there. Fix: --resume it, or set another output_dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(run_dir, "training run")  # before any data is prepared or any epoch is spent
 
     cases = find_training_cases(cfg.data_roots)
     split = split_cases([c.case_id for c in cases], cfg.split, cfg.seed)
-    if rank == 0:
-        write_split(run_dir / "split.json", split)
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     by_id = {c.case_id: c for c in cases}
     train_cases = [prepare_case(by_id[i], cfg) for i in split["train"]]
     val_cases = [prepare_case(by_id[i], cfg) for i in split["val"]] if rank == 0 else []
+    # Data first, folder second: a missing data root, an impossible split or an unusable case leaves no run folder.
+    if rank == 0:
+        _open_run_folder(run_dir)
+        write_split(run_dir / "split.json", split)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     spec = ModelSpec(cfg.model, cfg.preprocess, cfg.task, tuple(cfg.patch_size), cfg.out_channels)
     model = spec.build()
@@ -217,7 +223,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
                 if rank == 0:
                     # update, not replace: the warm-start record (init_checkpoint) stays in best.pt
                     spec.info.update(best_epoch=epoch + 1, val_dice=dict(val))
-                    save_checkpoint(best_path, spec, model.state_dict())
+                    with _saving(best_path):
+                        save_checkpoint(best_path, spec, model.state_dict())
             else:
                 state["bad"] += 1
         row["seconds"] = round(time.time() - t0, 2)
@@ -225,11 +232,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         state["epoch"] = epoch + 1
         state["seconds"] = time.time() - started
         if rank == 0:
-            torch.save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "state": state, "split": split}, run_dir / "last.part")
-            os.replace(run_dir / "last.part", last_path)  # atomic: a kill mid-save keeps the previous last.pt
-            _write_log(run_dir / "log.csv", state["rows"])
-            _plot_curves(state["rows"], run_dir / "curves.png")
+            with _saving(last_path):  # atomic: a kill or a full disk mid-save keeps the previous last.pt
+                with atomic_path(last_path, overwrite=True) as tmp:
+                    torch.save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "state": state, "split": split}, tmp)
+                _write_log(run_dir / "log.csv", state["rows"])
+                _plot_curves(state["rows"], run_dir / "curves.png")
             val_text = f" val Dice {row.get('val_dice_mean', float('nan')):.3f}" if "val_dice_mean" in row else ""
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f}{val_text} "
                   f"({row['seconds']:.0f}s, best {state['best']:.3f} @ {state['best_epoch']})", file=sys.stderr)
@@ -242,6 +250,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         if cfg.cpu_minutes and state["cpu_seconds"] >= cfg.cpu_minutes * 60:
             stopped = "CPU budget"
             break
+    if rank == 0 and cfg.select == "last" and state["best_epoch"] != state["epoch"]:
+        # A run ended by its CPU or time budget, before a validation epoch: its last weights are the model.
+        state.update(best_epoch=state["epoch"])
+        spec.info.update(best_epoch=state["epoch"], val_dice={})
+        with _saving(best_path):
+            save_checkpoint(best_path, spec, model.state_dict())
     if rank == 0:
         summary = {
             "name": cfg.name, "stopped": stopped, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -254,6 +268,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         dist.barrier()
         dist.destroy_process_group()
     return RunResult(run_dir, best_path, state["best_epoch"], state["best"], state["epoch"], stopped)
+
+
+def _open_run_folder(run_dir: Path) -> None:
+    """Create the run folder (its writability was checked before the data was read, `check_writable_folder`) and
+    clear temporary checkpoint files a killed run left behind (``atomic_path`` names them ``.<name>.*.part*``)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.pt.*.part*"):
+            stale.unlink()
+    except OSError as exc:
+        raise NeuroMapError(f"{run_dir}: the run folder cannot be written ({exc.strerror or exc}). Fix: choose a "
+                            "writable output_dir (--output-dir) or fix the folder's permissions.") from None
+
+
+@contextlib.contextmanager
+def _saving(path: Path) -> Iterator[None]:
+    """Turn a failed write of a checkpoint or the run's log (disk full, file too large, permissions) into a
+    message that says which checkpoint is intact; a half-written checkpoint is already gone (``atomic_path``)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports write failures as RuntimeError
+        kept = f"the last good checkpoint is {path}" if path.exists() else f"there is no {path.name} yet"
+        raise NeuroMapError(f"{path.parent}: could not write the run's files ({exc}); {kept}. Fix: free disk "
+                            "space or fix the folder, then continue with --resume (or start again without "
+                            "last.pt).") from None
 
 
 def _warm_start(model: torch.nn.Module, path: str) -> dict:

@@ -1,0 +1,105 @@
+"""Re-choose inference decisions of a cross-validated recipe on its out-of-fold predictions (issue 16).
+
+For every held-out case of the given folds of ``RUN`` (``neuromap cv``), the fold's model predicts probabilities
+once; each candidate decision is then scored against the case's expert labels, and the mean Dice per region over
+the held-out cases is printed per candidate. Only held-out cases are used, so the choice is made out of fold, like
+the model's own estimate.
+
+- ``--choice thresholds``: each region channel (WT/TC/ET outputs) thresholded at several values, prepared space.
+- ``--choice postprocess``: the postprocessing rules (component removal, small-ET relabelling) with several
+  settings, in each case's own grid after the product's own steps (``neuromap.postprocess``), as `segment` does.
+
+    python scripts/oof_choices.py runs/brats_unet25d --choice postprocess --folds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuromap.checkpoint import ModelSpec, load_model
+from neuromap.config import InferenceConfig
+from neuromap.export import labels_in_input_grid
+from neuromap.inference import predict_probs
+from neuromap.io import discover_cases, load_case
+from neuromap.io.case import Volume
+from neuromap.labels import REGIONS, region_masks
+from neuromap.metrics import binary_case_metrics
+from neuromap.postprocess import postprocess
+from neuromap.preprocess import Prepared, prepare
+from neuromap.tasks import task_of
+
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+# name -> InferenceConfig changes; "none" runs no step at all. The shipped defaults are "default".
+POSTPROCESS = {
+    "none": None,
+    "default": {},
+    "fraction 0": {"min_component_fraction": 0.0},
+    "fraction 0.05": {"min_component_fraction": 0.05},
+    "fraction 0.2": {"min_component_fraction": 0.2},
+    "fraction 0.3": {"min_component_fraction": 0.3},
+    "largest only": {"min_component_fraction": 1.0},
+    "min 1 mL": {"min_component_ml": 1.0},
+    "ET rule off": {"et_min_ml": 0.0},
+    "ET < 0.5 mL": {"et_min_ml": 0.5},
+    "ET < 1 mL": {"et_min_ml": 1.0},
+}
+
+
+def held_out_predictions(run: Path, folds: list[int], data: Path) -> Iterator[tuple[Volume, Prepared, torch.Tensor,
+                                                                                   ModelSpec]]:
+    """(volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out case."""
+    cases = {c.case_id: c for c in discover_cases(data)}
+    for fold in folds:
+        model, spec = load_model(run / f"fold_{fold}" / "best.pt")
+        for case_id in json.loads((run / f"fold_{fold}" / "split.json").read_text())["val"]:
+            volume = load_case(cases[case_id], spec.modalities, with_seg=True)
+            prepared = prepare(volume, spec.preprocess)
+            yield volume, prepared, predict_probs([(model, spec)], prepared.image, InferenceConfig()), spec
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    return binary_case_metrics(pred, truth, spacing, hd95=False)[0]["dice"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--choice", choices=("thresholds", "postprocess"), required=True)
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/brats2018"))
+    args = parser.parse_args()
+    candidates = THRESHOLDS if args.choice == "thresholds" else tuple(POSTPROCESS)
+    scores = {r: {c: [] for c in candidates} for r in REGIONS}
+    for volume, prepared, probs, spec in held_out_predictions(args.run, args.folds, args.data):
+        if args.choice == "thresholds":
+            for index, region in enumerate(REGIONS):  # the region's own channel thresholded at t
+                truth = np.isin(prepared.seg, REGIONS[region])
+                for t in THRESHOLDS:
+                    scores[region][t].append(_dice(probs[index].numpy() > t, truth, prepared.spacing))
+            continue
+        task = task_of(spec)
+        raw = labels_in_input_grid(probs, prepared.inverse, task)
+        truth = region_masks(volume.seg)
+        for name, change in POSTPROCESS.items():
+            steps = () if change is None else task.postprocess_steps()
+            labels, _ = postprocess(raw, volume.voxel_ml, InferenceConfig(**(change or {})), steps)
+            for region, mask in region_masks(labels).items():
+                scores[region][name].append(_dice(mask, truth[region], volume.spacing))
+    n = len(next(iter(scores["WT"].values())))
+    space = "prepared space" if args.choice == "thresholds" else "input grid"
+    print(f"out-of-fold mean Dice per region and candidate ({space}, n = {n})")
+    print(f"| {args.choice} | WT | TC | ET | mean |\n|---|---|---|---|---|")
+    for candidate in candidates:
+        means = [np.mean(scores[r][candidate]) for r in REGIONS]
+        print(f"| {candidate} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {np.mean(means):.4f} |")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
