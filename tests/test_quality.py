@@ -7,21 +7,31 @@ from conftest import UNSEEN, needs_real_data
 
 from neuromap.checkpoint import ModelSpec, read_checkpoint
 from neuromap.cli import main
-from neuromap.quality import calibration_for, quality_text
+from neuromap.quality import WEIGHTS_DIR, calibration_for, quality_text, recipe_key
 from neuromap.segmenter import segment
-from neuromap.zoo import shipped_models
+from neuromap.zoo import default_model, shipped_models
 
 SIGNALS = {"flip_dice", "tumour_entropy", "uncertain_ratio", "core_fraction", "core_largest_share", "tumour_ml",
            "intensity_distance", "swap_margin"}
 
 
-def default_spec() -> ModelSpec:
-    return ModelSpec.from_dict(read_checkpoint(shipped_models()["brats_unet25d"].file)["spec"])
+def spec_of(name: str) -> ModelSpec:
+    return ModelSpec.from_dict(read_checkpoint(shipped_models()[name].file)["spec"])
+
+
+def test_every_calibration_belongs_to_a_shipped_model():
+    shipped = {recipe_key(spec_of(name)) for name in shipped_models()}
+    files = sorted(WEIGHTS_DIR.glob("quality_*.json"))
+    assert files
+    for path in files:
+        assert json.loads(path.read_text())["recipe"] in shipped, f"{path.name} fits no shipped model"
 
 
 def test_shipped_calibration_loads_and_applies_to_the_default_model():
-    calibration = calibration_for(default_spec())
-    assert calibration is not None, "weights/quality_*.json for the brats_unet25d recipe is missing"
+    """A new default model must come with its own fitted quality score (scripts/fit_quality.py)."""
+    default = default_model(["t1", "t1ce", "t2", "flair"], "brats").name
+    calibration = calibration_for(spec_of(default))
+    assert calibration is not None, f"weights/quality_*.json for the default model {default}'s recipe is missing"
     data = calibration.data
     assert data["validation"]["n"] == 22
     assert -1 <= data["validation"]["loo_spearman"] <= 1
