@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import Timed, cpu_info, matmul_peak_gflops, slice_model_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "brats2018"
@@ -43,17 +44,6 @@ EVAL_CASES = ["Brats18_CBICA_AMH_1", "Brats18_2013_23_1", "Brats18_CBICA_AOP_1",
 CALIBRATION_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_ARW_1"]  # training cases of the models measured
 ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                                   "OV_CPU_MAX_ISA": "AVX2"}}
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
-
-
-def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"model": name or platform.processor(), "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags],
-            "load_avg_start": os.getloadavg()}
-
-
 def _rss_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -63,45 +53,6 @@ def _rss_mb(field: str) -> float:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
-
-
-class Timed:
-    """Forwards calls to an engine and adds up wall and CPU seconds spent inside them (the model stage)."""
-
-    def __init__(self, engine) -> None:
-        self.engine, self.wall, self.cpu = engine, 0.0, 0.0
-
-    def __call__(self, batch):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = self.engine(batch)
-        self.wall += time.perf_counter() - wall
-        self.cpu += time.process_time() - cpu
-        return out
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> dict:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        torch.matmul(a, b)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    flops = 2 * n**3
-    return {"n": n, "gflops_wall_best": flops / min(walls) / 1e9, "gflops_per_cpu_s_best": flops / min(cpus) / 1e9}
-
-
-def forward_flops(model, spec, shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass of a (1, C, X, Y) input (convolutions and matmuls, 2 per multiply-add)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(shape))
-    return counter.get_total_flops()
 
 
 def openvino_kernels(engine) -> dict:
@@ -178,7 +129,6 @@ def run_model(label: str, checkpoint: Path, args, out: dict, save) -> None:
     from neuromap.io import discover_cases, load_case
     from neuromap.labels import to_internal
     from neuromap.metrics import dice_per_region
-    from neuromap.models import required_divisor
     from neuromap.preprocess import prepare
 
     model, spec = load_model(checkpoint)
@@ -193,10 +143,7 @@ def run_model(label: str, checkpoint: Path, args, out: dict, save) -> None:
         truth = to_internal(np.asarray(nib.load(case.seg.path).dataobj), "brats")
         if "flops_per_case" not in notes:
             prepared = prepare(load_case(case, spec.modalities), spec.preprocess).image
-            divisor = required_divisor(spec.model)
-            x, y = (-(-s // divisor) * divisor for s in prepared.shape[1:3])
-            notes["flops_per_case"] = forward_flops(model, spec, (1, spec.preprocess.in_channels, x, y)) \
-                * prepared.shape[-1]
+            notes["flops_per_case"] = slice_model_flops(model, spec, prepared.shape[1:3], prepared.shape[-1])
             notes["prepared_shape"] = list(prepared.shape)
         rows, labels = {}, {}
         order = names[index % len(names):] + names[: index % len(names)]  # rotate: drift hits every engine

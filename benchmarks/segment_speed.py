@@ -1,13 +1,37 @@
-"""End-to-end segmentation speed and peak memory on one real 240x240x155 case, against a plain MONAI reference.
+"""End to end per case and cohort throughput of NeuroMap's default path, its PyTorch-eager path and a plain MONAI
+pipeline of the same network and weights, in one run, with peak memory and the model stage's achieved GFLOP/s
+against the CPU's measured fp32 matmul rate.
 
-NeuroMap: `neuromap.segment` (load + validate -> brain crop -> model -> back to the input grid -> seg NIfTI,
-report JSON and overlay PNG written). Reference, same network and weights: the pipeline a MONAI user writes
-from the tutorials at default settings: LoadImaged, EnsureChannelFirstd, Orientationd(RAS),
-NormalizeIntensityd(nonzero, channel-wise), [Spacingd or Resized to the model's input], SliceInferer (2D
-models) or sliding_window_inference (3D), Invertd, SaveImage. Each variant runs in its own process (so the peak
-RSS is its own), several times; the median wall time and the max peak RSS are reported with their ratio.
+Variants, each in its own processes (so start-up and peak RSS are its own), interleaved run by run so drifting
+load hits all of them:
+  - default:     ``neuromap segment`` as shipped: engine auto (OpenVINO when installed), the next case read while
+                 the model runs (``--workers 1``).
+  - torch-eager: ``neuromap segment --engine torch --workers 0``: the path before issue 13 (PyTorch eager,
+                 channels_last, cases read in turn).
+  - monai:       the pipeline a MONAI user writes for this model from the tutorials: LoadImaged,
+                 EnsureChannelFirstd, ConcatItemsd, Orientationd(RAS), Spacingd(the model's spacing),
+                 NormalizeIntensityd(nonzero, channel-wise), DivisiblePadd(the network's divisor, in-plane), the
+                 model's 2.5D input (each sequence's slice and its neighbours as channels, zero beyond the ends),
+                 SliceInferer over whole axial slices (NeuroMap's slice batch), sigmoid regions -> BraTS labels
+                 (WT ⊇ TC ⊇ ET), Invertd, SaveImage. No brain crop, no postprocessing, no report or picture.
+Measured:
+  - per case (``--case``, a 240x240x155 BraTS case; ``--runs`` processes per variant): wall time of the whole
+    process (Python start to files written: what a user waits), its CPU seconds (user + system, all threads: the
+    work, which waiting for a busy CPU does not inflate) and its peak RSS;
+  - cohort (the first ``--cohort`` cases of the shared BraTS 2018 folder, linked into a temporary folder): one
+    process per variant segments the folder: cases per minute (wall and per CPU minute), peak RSS;
+  - the model stage alone, in this process (nothing else running in it): each variant's network on the case as
+    that variant feeds it (NeuroMap: the brain crop through `predict_probs` with the variant's engine; MONAI:
+    its SliceInferer over whole slices), ``--runs`` times interleaved: wall and CPU seconds, and the achieved
+    GFLOP per CPU second (network FLOPs from torch.utils.flop_counter) against the CPU's fp32 peak per CPU second
+    (a 2048^2 torch.matmul, same threads). Per CPU second, because on a shared machine wall rates mostly measure
+    the other jobs;
+  - the load average and CPU pressure before and after every process, and per-region Dice of each variant's
+    labels against the default's on the per-case case.
+One untimed default run first fills the engine cache (the ONNX export and OpenVINO's compiled blob, made once per
+machine and checkpoint), so the timed runs measure what every later run costs.
 
-    python benchmarks/segment_speed.py [--case DIR] [--model NAME|PATH] [--runs 5] [--threads 2] [--json OUT]
+    python benchmarks/segment_speed.py [--case DIR] [--cohort 6] [--runs 3] [--threads 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -15,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,107 +47,290 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import Timed, cpu_info, load_now, matmul_peak_gflops, slice_model_flops
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_2013_2_1"
+DATA = ROOT.parent / "shared" / "data" / "brats2018"
+DEFAULT_CASE = DATA / "Brats18_2013_2_1"
+RESULT = ROOT / "benchmarks" / "results" / "segment_speed.json"
+NEUROMAP_OPTIONS = {"default": [], "torch-eager": ["--engine", "torch", "--workers", "0"]}
+VARIANTS = ("default", "torch-eager", "monai")
 
 
-def run_neuromap(case: str, model: str | None, out: str) -> None:
-    import neuromap
+# ---------------------------------------------------------------------------------------------- child processes
 
-    neuromap.segment(case, out, model=model, overwrite=True)
+def shipped_default():
+    """The shipped model for four-sequence BraTS cases (what every variant runs): its file, network and spec."""
+    from neuromap.checkpoint import load_model
+    from neuromap.zoo import default_model
+
+    path = default_model(["t1", "t1ce", "t2", "flair"], "brats").file
+    return path, *load_model(path)
 
 
-def run_monai_reference(case: str, model: str | None, out: str) -> None:
+def monai_transform(spec):
+    """The MONAI pre-transforms of the reference (module docstring), invertible by Invertd."""
+    from monai import transforms as mt
+
+    from neuromap.models import required_divisor
+
+    keys = spec.modalities
+    return mt.Compose([
+        mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.ConcatItemsd(keys, "image"),
+        mt.Orientationd("image", axcodes="RAS"), mt.Spacingd("image", pixdim=spec.preprocess.spacing),
+        mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        mt.DivisiblePadd("image", k=(required_divisor(spec.model),) * 2 + (1,)),
+    ])
+
+
+def monai_probabilities(net, spec, image):
+    """The reference's model stage: the model's 2.5D input built from the (C, X, Y, Z) image (each sequence's
+    slice and its neighbours as channels, zero beyond the ends), SliceInferer over whole axial slices in batches
+    of 16, sigmoid regions (K, X, Y, Z)."""
+    import torch
+    from monai.inferers import SliceInferer
+
+    context = spec.preprocess.context_slices
+    padded = torch.nn.functional.pad(image, (context, context))
+    stack = torch.stack([padded[..., k: k + image.shape[-1]] for k in range(2 * context + 1)], dim=1)
+    x = stack.reshape(-1, *image.shape[1:])[None]
+    inferer = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=16, progress=False)  # whole slices
+    with torch.no_grad():
+        return torch.sigmoid(inferer(x, lambda batch: net(batch.contiguous(memory_format=torch.channels_last))))[0]
+
+
+def monai_reference(inputs: str, out: str) -> dict:
+    """The plain MONAI pipeline (module docstring) on a case folder or a folder of cases, model loaded once.
+    Returns the model stage's wall seconds."""
     import numpy as np
     import torch
     from monai import transforms as mt
-    from monai.inferers import SliceInferer, sliding_window_inference
+    from monai.data import MetaTensor
 
-    from neuromap.checkpoint import load_model
     from neuromap.io import discover_cases
-    from neuromap.zoo import resolve_model_paths
 
-    (c,) = discover_cases(case)
-    net, spec = load_model(resolve_model_paths(model, c.modalities, c.layout.task)[0])
-    keys = spec.modalities
-    pre = [
-        mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.ConcatItemsd(keys, "image"),
-        mt.Orientationd("image", axcodes="RAS"), mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-    ]
-    if spec.model.spatial_dims == 2:
-        pre.append(mt.Resized("image", spatial_size=(*spec.patch_size, -1)))
-    elif spec.preprocess.spacing:
-        pre.append(mt.Spacingd("image", pixdim=spec.preprocess.spacing))
-    transform = mt.Compose(pre)
-    data = transform({k: str(c.images[k].path) for k in keys})
-    with torch.no_grad():
-        x = data["image"][None].float()
-        if spec.model.spatial_dims == 2:
-            logits = SliceInferer(roi_size=spec.patch_size, spatial_dim=2, sw_batch_size=32)(x, net)
-        else:
-            logits = sliding_window_inference(x, spec.patch_size, 4, net)
-    data["pred"] = logits[0].argmax(0, keepdim=True).to(torch.uint8)
-    data["pred"].applied_operations = data["image"].applied_operations
-    data["pred"].meta = data["image"].meta
-    inverted = mt.Invertd("pred", transform, orig_keys="image", nearest_interp=True)(data)
-    labels = np.asarray(inverted["pred"]).astype(np.uint8)
-    mt.SaveImage(output_dir=out, output_postfix="seg", output_dtype=np.uint8, separate_folder=False,
-                 print_log=False)(labels, meta_data=inverted["pred"].meta)
+    _, net, spec = shipped_default()
+    net = net.to(memory_format=torch.channels_last)
+    transform = monai_transform(spec)
+    model_s = 0.0
+    for case in discover_cases(inputs):  # only to find each case's four files
+        data = transform({k: str(case.images[k].path) for k in spec.modalities})
+        start = time.perf_counter()
+        probs = monai_probabilities(net, spec, data["image"].as_tensor().float())
+        model_s += time.perf_counter() - start
+        wt, tc, et = (probs > 0.5).numpy()
+        labels = np.zeros(wt.shape, np.uint8)
+        labels[wt], labels[wt & tc], labels[wt & tc & et] = 2, 1, 4
+        data["pred"] = MetaTensor(torch.from_numpy(labels[None]), meta=data["image"].meta,
+                                  applied_operations=data["image"].applied_operations)
+        inverted = mt.Invertd("pred", transform, orig_keys="image", nearest_interp=True)(data)
+        mt.SaveImage(output_dir=out, output_postfix="seg", output_dtype=np.uint8, separate_folder=False,
+                     print_log=False)(inverted["pred"].astype(torch.uint8), meta_data=inverted["pred"].meta)
+    return {"model_s": model_s}
 
 
-def child(variant: str, case: str, model: str | None, threads: int) -> None:
+def child(args: argparse.Namespace) -> None:
+    """One measured process: the NeuroMap CLI (``--child cli -- ARGS``) or the MONAI reference; prints its peak
+    RSS (and what it measured itself) as the last line."""
+    if args.child == "cli":
+        from neuromap.cli import main as neuromap_main
+
+        code = neuromap_main(args.rest)
+        if code:
+            sys.exit(code)
+        measured = {}
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        measured = monai_reference(args.inputs, args.out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": round(peak, 1), **measured}))
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+def run(variant: str, inputs: Path, out: Path, threads: int) -> dict:
+    """One process of ``variant`` on ``inputs`` (a case or a folder of cases) writing into ``out``."""
+    me = [sys.executable, __file__, "--threads", str(threads)]
+    if variant == "monai":
+        cmd = [*me, "--child", "monai", "--inputs", str(inputs), "--out", str(out)]
+    else:
+        cmd = [*me, "--child", "cli", "--", "segment", str(inputs), "-o", str(out), "--threads", str(threads),
+               "--quiet", *NEUROMAP_OPTIONS[variant]]
+    before, used = load_now(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # sums over waited children: the difference is this one
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+    if proc.returncode:
+        raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("*_report.json"))]
+    if reports:
+        result["model_s"] = sum(r["timings_s"]["inference_s"] for r in reports)
+        result["engine"] = reports[0]["engine"].split(":")[0]
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **result, "load_before": before,
+            "load_after": load_now()}
+
+
+def model_stage(case: Path, runs: int) -> dict:
+    """The model stage of each variant on ``case``, in this process (module docstring): wall and CPU seconds
+    (median of ``runs``, interleaved) and the network FLOPs each variant spends."""
     import torch
 
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        (run_neuromap if variant == "neuromap" else run_monai_reference)(case, model, out)
-        seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+    from neuromap.config import InferenceConfig
+    from neuromap.engines import resolve_engine, wrap_model
+    from neuromap.inference import predict_probs
+    from neuromap.io import discover_cases, load_case
+    from neuromap.preprocess import prepare
+
+    path, net, spec = shipped_default()
+    default = wrap_model(net, spec, resolve_engine("auto"), path, fallback=True)
+    net = net.to(memory_format=torch.channels_last)  # after wrap_model: an ONNX export leaves it contiguous
+    volume = load_case(discover_cases(case)[0], spec.modalities)
+    prepared = prepare(volume, spec.preprocess).image
+    monai_image = monai_transform(spec)({k: str(volume.case.images[k].path) for k in spec.modalities})["image"]
+    monai_image = monai_image.as_tensor().float()
+    runners = {"default": default, "torch-eager": net}
+    cfg = InferenceConfig(device="cpu")
+    flops = {"default": slice_model_flops(net, spec, prepared.shape[1:3], prepared.shape[-1])}
+    flops["torch-eager"] = flops["default"]
+    flops["monai"] = slice_model_flops(net, spec, monai_image.shape[1:3], monai_image.shape[-1])
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    for i in range(runs):
+        for variant in VARIANTS[i % 3:] + VARIANTS[: i % 3]:
+            if variant == "monai":
+                timed = Timed(net)
+                monai_probabilities(timed, spec, monai_image)
+            else:
+                timed = Timed(runners[variant])
+                predict_probs([(timed, spec)], prepared, cfg)
+            times[variant].append((timed.wall, timed.cpu))
+    return {v: {"wall_s": round(statistics.median(w for w, _ in t), 2),
+                "cpu_s": round(statistics.median(c for _, c in t), 2), "gflop": round(flops[v] / 1e9, 1),
+                "network_input_shape": list((monai_image if v == "monai" else prepared).shape[1:])}
+            for v, t in times.items()}
 
 
-def measure(variant: str, args: argparse.Namespace) -> dict:
-    times, peaks = [], []
-    for _ in range(args.runs):
-        cmd = [sys.executable, __file__, "--child", variant, "--case", args.case, "--threads", str(args.threads)]
-        if args.model:
-            cmd += ["--model", args.model]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        times.append(result["seconds"])
-        peaks.append(result["peak_rss_mb"])
-    return {"median_s": statistics.median(times), "runs_s": [round(t, 2) for t in times],
-            "peak_rss_mb": round(max(peaks), 1)}
+def agreement(outs: dict[str, Path]) -> dict:
+    """Per-region Dice of each variant's labels against the default's (one case)."""
+    import nibabel as nib
+    import numpy as np
+
+    from neuromap.labels import to_internal
+    from neuromap.metrics import dice_per_region
+
+    labels = {v: to_internal(np.asarray(nib.load(next(o.glob("*_seg.nii.gz"))).dataobj), "brats")
+              for v, o in outs.items()}
+    return {v: {k: round(d, 4) for k, d in dice_per_region(labels[v], labels["default"]).items()} for v in labels}
+
+
+def summarize(per_case: dict, cohort: dict, stage: dict, peak: dict, n_cohort: int) -> dict:
+    """One row per variant: medians over the per-case runs, cohort rates, model-stage rates, and how many times
+    faster (less CPU) the default is than each."""
+    def median(v: str, key: str) -> float:
+        return statistics.median(r[key] for r in per_case[v])
+
+    rows = {}
+    for v in VARIANTS:
+        rows[v] = {
+            "case_wall_s": round(median(v, "wall_s"), 2), "case_cpu_s": round(median(v, "cpu_s"), 2),
+            "case_peak_rss_mb": max(r["peak_rss_mb"] for r in per_case[v]),
+            "cohort_cases_per_min": round(n_cohort / cohort[v]["wall_s"] * 60, 2),
+            "cohort_cases_per_cpu_min": round(n_cohort / cohort[v]["cpu_s"] * 60, 2),
+            "cohort_peak_rss_mb": cohort[v]["peak_rss_mb"],
+            "model_stage_wall_s": stage[v]["wall_s"], "model_stage_cpu_s": stage[v]["cpu_s"],
+            "network_gflop": stage[v]["gflop"], "gflop_per_cpu_s": round(stage[v]["gflop"] / stage[v]["cpu_s"], 1),
+            "share_of_matmul_peak": round(stage[v]["gflop"] / stage[v]["cpu_s"] / peak["gflops_per_cpu_s_best"], 2),
+        }
+    for v in VARIANTS:
+        rows[v]["default_faster_by"] = {
+            "case_wall": round(rows[v]["case_wall_s"] / rows["default"]["case_wall_s"], 2),
+            "case_cpu": round(rows[v]["case_cpu_s"] / rows["default"]["case_cpu_s"], 2),
+            "cohort_wall": round(rows["default"]["cohort_cases_per_min"] / rows[v]["cohort_cases_per_min"], 2),
+            "cohort_cpu": round(rows["default"]["cohort_cases_per_cpu_min"] / rows[v]["cohort_cases_per_cpu_min"], 2),
+            "model_stage_cpu": round(rows[v]["model_stage_cpu_s"] / rows["default"]["model_stage_cpu_s"], 2),
+        }
+    return rows
+
+
+def markdown(rows: dict, peak: dict) -> str:
+    """The tables for the README."""
+    lines = ["| variant | per case: wall s / CPU s (median) | peak RSS MB | cohort: cases/min (wall) / per CPU min "
+             "| cohort peak RSS MB | model stage CPU s | GFLOP per CPU s (share of matmul peak) |",
+             "|---|---|---|---|---|---|---|"]
+    for v, r in rows.items():
+        lines.append(f"| {v} | {r['case_wall_s']} / {r['case_cpu_s']} | {r['case_peak_rss_mb']:.0f} "
+                     f"| {r['cohort_cases_per_min']} / {r['cohort_cases_per_cpu_min']} | {r['cohort_peak_rss_mb']:.0f} "
+                     f"| {r['model_stage_cpu_s']} | {r['gflop_per_cpu_s']} ({r['share_of_matmul_peak']:.0%}) |")
+    lines += ["", "| default faster than | per case, wall / CPU | cohort, wall / CPU | model stage, CPU |",
+              "|---|---|---|---|"]
+    for v, r in rows.items():
+        f = r["default_faster_by"]
+        lines.append(f"| {v} | {f['case_wall']}x / {f['case_cpu']}x | {f['cohort_wall']}x / {f['cohort_cpu']}x "
+                     f"| {f['model_stage_cpu']}x |")
+    lines.append(f"\nmatmul peak: {peak['gflops_per_cpu_s_best']:.1f} GFLOP per CPU s, {peak['gflops_wall_best']:.1f} "
+                 f"GFLOP/s wall ({peak['threads']} threads)")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default=str(DEFAULT_CASE))
-    parser.add_argument("--model")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cohort", type=int, default=6, help="cases of the shared BraTS 2018 folder (in name order)")
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json")
-    parser.add_argument("--child", choices=["neuromap", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=str(RESULT))
+    parser.add_argument("--child", choices=["cli", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.case, args.model, args.threads)
+        args.rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        child(args)
         return
-    if not Path(args.case).is_dir():
-        sys.exit(f"case folder {args.case} not found: pass --case (a 240x240x155 BraTS case).")
-    ours, reference = measure("neuromap", args), measure("monai", args)
-    result = {
-        "case": args.case, "model": args.model or "shipped default", "runs": args.runs, "threads": args.threads,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-        "neuromap": ours, "monai_reference": reference,
-        "speedup": round(reference["median_s"] / ours["median_s"], 2),
-        "memory_ratio": round(ours["peak_rss_mb"] / reference["peak_rss_mb"], 2),
-        "targets": {"seconds_per_case": 10, "peak_rss_mb": 2048},
-    }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    case = Path(args.case)
+    if not case.is_dir() or not DATA.is_dir():
+        sys.exit(f"{case} or {DATA} not found: the benchmark needs the shared BraTS 2018 cases (--case).")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = {"machine": cpu_info(), "threads": args.threads, "runs": args.runs, "case": str(case),
+              "matmul_peak": matmul_peak_gflops()}
+    with tempfile.TemporaryDirectory(prefix="neuromap-bench-") as tmp:
+        tmp = Path(tmp)
+        run("default", case, tmp / "warm-up", args.threads)  # fills the engine cache; not counted
+        per_case: dict[str, list] = {v: [] for v in VARIANTS}
+        outs = {}
+        for i in range(args.runs):
+            for variant in VARIANTS[i % 3:] + VARIANTS[: i % 3]:
+                outs[variant] = tmp / f"case-{variant}-{i}"
+                per_case[variant].append(run(variant, case, outs[variant], args.threads))
+                print(f"case run {i + 1}/{args.runs} {variant}: {per_case[variant][-1]['wall_s']} s", flush=True)
+        result["per_case"] = per_case
+        result["agreement_vs_default"] = agreement(outs)
+        cohort_dir = tmp / "cohort"
+        cohort_dir.mkdir()
+        names = sorted(p.name for p in DATA.iterdir() if p.is_dir())[: args.cohort]
+        for name in names:
+            (cohort_dir / name).symlink_to(DATA / name)
+        result["cohort_cases"] = names
+        cohort = {}
+        for variant in VARIANTS:
+            cohort[variant] = run(variant, cohort_dir, tmp / f"cohort-{variant}", args.threads)
+            print(f"cohort {variant}: {cohort[variant]['wall_s']} s for {len(names)} cases", flush=True)
+        result["cohort"] = cohort
+    result["model_stage"] = model_stage(case, args.runs)
+    print(f"model stage: {result['model_stage']}", flush=True)
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    result["summary"] = summarize(per_case, cohort, result["model_stage"], result["matmul_peak"], len(names))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result["agreement_vs_default"]))
+    print(markdown(result["summary"], result["matmul_peak"]))
 
 
 if __name__ == "__main__":

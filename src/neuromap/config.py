@@ -303,8 +303,9 @@ class InferenceConfig(Strict):
     et_min_ml: float = Field(0.05, ge=0, description="relabel ET as NCR/NET when total ET is below this (mL)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Threads | None = None
-    # Each reader holds one prepared case (about 0.5 GB for a 240x240x155 four-sequence case) and competes with
-    # the model for the CPU, so more readers than the model stage can hide only cost memory.
+    # Each reader holds one read and prepared case (a cohort with 1 reader peaked 0.55 GB above a single
+    # 240x240x155 case: benchmarks/results/segment_speed.json) and competes with the model for the CPU, so more
+    # readers than the model stage can hide only cost memory.
     workers: int = Field(1, ge=0, le=MAX_WORKERS, description="batches: cases read and prepared in background "
                          "threads while the model runs on the current one (0: read in turn)")
     engine: Literal["auto", "torch", "torch-compile", "onnxruntime", "openvino"] = Field(

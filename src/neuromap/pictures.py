@@ -184,7 +184,8 @@ def montage_png(background: np.ndarray, labels: np.ndarray, slice_names: list[st
         ax.imshow(_rgba(labels[:, :, z], colours, alpha))
         if truth is not None and truth[:, :, z].any():
             ax.contour(truth[:, :, z] > 0, levels=[0.5], colors=[TRUTH_COLOUR], linewidths=0.8)
-        ax.set_title(slice_names[z], fontsize=8)
+        name, families = drawable(slice_names[z])  # file names may be in any script
+        ax.set_title(name, fontsize=8, fontfamily=families)
     handles = [Patch(color=colours[k], label=text) for k, text in legend.items()]
     if truth is not None:
         handles.append(Line2D([], [], color=TRUTH_COLOUR, label="ground truth (outline)"))

@@ -240,8 +240,8 @@ class Segmenter:
         pending: deque[Future[_Read]] = deque()
         upcoming = iter(cases)
         try:
-            # Threads: loading is gzip/numpy/torch work that releases the GIL, and a thread shares the case with
-            # the model stage without pickling it (nnU-Net needs processes, its preprocessing is Python-heavy).
+            # Threads rather than nnU-Net's processes: reading is gzip, numpy and torch work that mostly releases
+            # the GIL, and a thread hands the prepared case to the model stage without pickling it.
             for case in upcoming:
                 pending.append(pool.submit(self._read, case, output_dir, overwrite))
                 if len(pending) == workers:
