@@ -16,8 +16,11 @@ preparing them, no model), then:
 4. writes the calibration JSON the product loads (coefficients fitted on all cases, the training cases' reference
    statistics and thresholds, the validation numbers) and prints the tables for the experiments page.
 
-    neuromap cv configs/brats_unet25d.yaml --evaluate-only --no-hd95     # (re)segments the held-out cases
-    python scripts/fit_quality.py runs/brats_unet25d -o src/neuromap/weights/quality_brats_unet25d.json
+    neuromap cv configs/arch/resunet.yaml --evaluate-only --no-hd95     # (re)segments the held-out cases
+    python scripts/fit_quality.py runs/arch_resunet -o src/neuromap/weights/quality_brats_resunet25d.json
+
+``--evaluate-only`` rewrites ``RUN/oof/``; to keep a run's own outputs, give ``--output-dir`` a new folder whose
+``fold_k`` are links to the run's (docs/experiments/quality_score.md does).
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def main() -> None:
     calibration = {
         "recipe": next(iter(recipes)),
         "recipe_name": cfg.name,
-        "fitted_on": f"out-of-fold predictions of {args.run.name} ({len(folds)} folds, {len(ids)} cases)",
+        "fitted_on": f"out-of-fold predictions of {cfg.name} ({len(folds)} folds, {len(ids)} cases)",
         "docs": "docs/experiments/quality_score.md",
         "command": f"python scripts/fit_quality.py {args.run} -o {args.output}",
         "model": {"kind": "linear, clipped to [0, 1]", "target": "mean region Dice (WT, TC, ET)",
