@@ -18,9 +18,9 @@ stage measures, per case, signals that can tell, and turns them into an estimate
 The score is a small monotone model of a few signals, fitted on out-of-fold predictions of cross-validation by
 ``scripts/fit_quality.py`` and shipped as ``weights/quality_<model>.json`` (coefficients, the training cases'
 reference statistics, the thresholds and the leave-one-out validation); the measured numbers are in
-``docs/experiments/quality_score.md``. The flag says "review" when the score is below the fitted threshold or an
-input check fails. A model whose recipe has no calibration file gets no score and is always flagged for review:
-an estimate that was never checked against true Dice is not given.
+``docs/experiments/quality_score.md``. The flag says "review" when the score is below the calibration's threshold
+(declared, not fitted) or an input check fails. A model whose recipe has no calibration file gets no score and is
+always flagged for review: an estimate that was never checked against true Dice is not given.
 """
 
 from __future__ import annotations
