@@ -467,7 +467,8 @@ def test_binary_model_result_panel_viewer_and_downloads(monkeypatch, media, tmp_
     assert [(i["value"], i["name"]) for i in legend] == [(1, "abnormality (predicted)")]
     assert "Labels in the NIfTI: 1 abnormality (binary convention)" in text_of(at.caption)
     files = downloads(at, media)
-    assert sorted(files) == ["Label map (NIfTI, input grid)", "Overlay (PNG)", "Report (JSON)"]
+    assert sorted(files) == ["Label map (NIfTI, input grid)", "Overlay (PNG)", "Report (JSON)",
+                             "Uncertainty map (NIfTI, input grid, 0-255)"]
     labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
     assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1}
     assert json.loads(files["Report (JSON)"])["label_convention"] == "binary"
