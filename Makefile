@@ -30,6 +30,7 @@ test: setup browser
 bench: setup
 	$(PY) benchmarks/segment_speed.py
 	$(PY) benchmarks/engines.py
+	$(PY) benchmarks/lgg_load.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
