@@ -8,7 +8,6 @@ import gzip
 import io
 import json
 import stat
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,18 +90,6 @@ def button(at: AppTest, label: str):
     return next(b for b in at.button if b.label == label)
 
 
-def run_segment(at: AppTest, timeout: float = 300) -> AppTest:
-    """Press Segment and run the page again until its queued job has ended and the page has taken its outcome (a
-    browser's page polls by itself, `neuromap.app_jobs.job_panel`)."""
-    button(at, "Segment").click().run()
-    deadline = time.monotonic() + timeout
-    while "job" in at.session_state:
-        assert time.monotonic() < deadline, "the segmentation did not end in time"
-        time.sleep(0.2)
-        at.run()
-    return at
-
-
 def downloads(at: AppTest, served: dict) -> dict[str, bytes]:
     """Download-button label -> the bytes behind its URL."""
     out = {}
@@ -133,7 +120,7 @@ def test_upload_segment_table_and_downloads(app, media, tmp_path):
     assert choices == {"Sequence of Syn_007_flair.nii.gz": "flair", "Sequence of Syn_007_seg.nii.gz": IGNORE,
                        "Sequence of Syn_007_t1.nii.gz": "t1", "Sequence of Syn_007_t1ce.nii.gz": "t1ce",
                        "Sequence of Syn_007_t2.nii.gz": "t2"}
-    run_segment(app)
+    button(app, "Segment").click().run()
     assert not app.exception and not app.error, text_of(app.error)
 
     table = app.table[0].value
@@ -169,7 +156,7 @@ def test_zip_upload_with_uploaded_checkpoint(app, media, tmp_path, tiny_model):
     app.selectbox(key="model_choice").set_value("upload").run()
     assert button(app, "Segment").disabled  # no checkpoint uploaded yet
     app.file_uploader[1].set_value(("tiny.pt", tiny_model.read_bytes(), "application/octet-stream")).run()
-    run_segment(app)
+    button(app, "Segment").click().run()
     assert not app.error, text_of(app.error)
     report = json.loads(downloads(app, media)["Report (JSON)"])
     assert report["case_id"] == "Case9"  # plain names: the zip's name becomes the case id
@@ -222,7 +209,7 @@ def test_two_files_for_one_sequence_is_a_clear_error(app, tmp_path):
 def test_start_over_deletes_the_session_files(app, tmp_path):
     case = write_synthetic_case(tmp_path / "in", "R1", shape=(32, 32, 16), with_seg=False)
     app.file_uploader[0].set_value(uploads(case)).run()
-    run_segment(app)
+    button(app, "Segment").click().run()
     root = app.session_state.workspace.root
     assert (root / "out").is_dir() and (root / "uploads").is_dir()
     button(app, "Start over").click().run()
@@ -460,7 +447,7 @@ def test_binary_model_result_panel_viewer_and_downloads(monkeypatch, media, tmp_
     at = page_with(monkeypatch, tmp_path, tiny_binary_checkpoint(tmp_path / "binary.pt"))
     case = write_synthetic_case(tmp_path / "in", "Bin1", shape=(40, 40, 16), with_seg=False)
     at.file_uploader[0].set_value(uploads(case)).run()
-    run_segment(at)
+    button(at, "Segment").click().run()
     assert not at.exception and not at.error, text_of(at.error)
     assert list(at.table[0].value["Region"]) == ["abnormality"]
     from neuromap.app_viewer import component_args
@@ -485,11 +472,11 @@ def test_failed_run_clears_the_previous_result_and_shows_why(app, media, tmp_pat
     files = uploads(case) + [("other grid_t2.nii.gz", (other / "F1_t2.nii.gz").read_bytes(), "application/gzip")]
     app.file_uploader[0].set_value(files).run()
     app.selectbox(key="seq_0_4").set_value(IGNORE).run()  # files: F1_flair, F1_t1, F1_t1ce, F1_t2, other grid_t2
-    run_segment(app)
+    button(app, "Segment").click().run()
     assert app.table and downloads(app, media)
     app.selectbox(key="seq_0_3").set_value(IGNORE).run()
     app.selectbox(key="seq_0_4").set_value("t2").run()
-    run_segment(app)
+    button(app, "Segment").click().run()
     assert not app.exception
     assert "result" not in app.session_state and not app.table and not app.get("download_button")
     reason = next(e.value for e in app.error if "Segmentation failed" in e.value)
@@ -533,7 +520,7 @@ def test_model_caption_gives_the_model_cards_numbers(monkeypatch, media, tmp_pat
     # Before running, the automatic choice is named with the card's numbers.
     plan = text_of(at.markdown)
     assert "Automatic choice: **tiny** on T1, T1ce (contrast), T2, FLAIR; validation Dice WT 0.875" in plan
-    run_segment(at)
+    button(at, "Segment").click().run()
     caption = text_of(at.caption)
     assert "validation Dice WT 0.875 / TC 0.831 / ET 0.821 (4 cases, validation split; model card)" in caption
     assert "{" not in caption

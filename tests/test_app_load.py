@@ -7,28 +7,40 @@ sessions end (through Streamlit's own session-end hook). The cases are cut to 24
 and the model is the tiny checkpoint, so the eight segmentations take seconds; `benchmarks/app_load.py` runs full
 cases with the shipped model against a real server.
 
-AppTest is not thread-safe (each run swaps Streamlit's global Runtime), so the threads take turns for each page
-run (`PAGE_RUN`); the sessions, their jobs and the queue are concurrent, as on a server.
+A page waits for its job inside its run (`neuromap.app_jobs.follow_job`), so the eight page runs overlap. AppTest
+is not made for that: each run installs its own Streamlit Runtime singleton and config patch and removes them at
+its end. `one_runtime` gives all sessions one runtime for the test instead, as on a server; the texts each page's
+progress bar showed are recorded from `neuromap.app_jobs.job_status`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
 import stat
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
+from unittest.mock import MagicMock
 
 import nibabel as nib
 import numpy as np
 import pytest
 import streamlit.testing.v1.app_test as app_test_module
+import streamlit.testing.v1.local_script_runner as local_script_runner
 from conftest import BRATS, cropped_real_case, needs_real_data
+from streamlit.runtime import Runtime
 from streamlit.runtime.caching import clear_session_resource_cache
+from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheStorageManager
+from streamlit.runtime.dataframe_source_manager import DataframeSourceManager
+from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.runtime.scriptrunner.script_cache import ScriptCache
 from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1.util import patch_config_options
 from test_app import APP, button, downloads, tiny_checkpoint
 
 import neuromap.zoo
@@ -41,7 +53,6 @@ CASES = ("Brats18_2013_23_1", "Brats18_2013_3_1", "Brats18_CBICA_AMH_1", "Brats1
          "Brats18_CBICA_ASV_1", "Brats18_TCIA01_378_1", "Brats18_TCIA02_606_1", "Brats18_TCIA10_628_1")
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
 APPTEST_SESSION_ID = "test session id"  # every AppTest session has this id (streamlit.testing LocalScriptRunner)
-PAGE_RUN = threading.Lock()  # AppTest runs one page at a time (see the module docstring)
 WAITING = re.compile(r"Waiting, (\d+) ahead")
 
 
@@ -67,7 +78,6 @@ def test_queue_is_first_come_first_served_and_counts_who_is_ahead():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert [queue.ahead(job) for job in jobs] == [None, 1, 2, 3]  # the running job counts as ahead
-    assert queue.active("s2") is jobs[2] and queue.active("nobody") is None
     with pytest.raises(NeuroMapError, match="already has a segmentation queued or running"):
         queue.submit("s1", gated_work(gate, log, "again"))
     gate.set()
@@ -75,7 +85,8 @@ def test_queue_is_first_come_first_served_and_counts_who_is_ahead():
     assert [job.state for job in jobs] == [DONE] * 4 and [job.result for job in jobs] == ["s0", "s1", "s2", "s3"]
     # one at a time, in submission order
     assert log == [(event, f"s{i}") for i in range(4) for event in ("start", "end")]
-    assert queue.active("s0") is None and queue.ahead(jobs[3]) is None
+    assert queue.ahead(jobs[3]) is None
+    assert queue.submit("s1", lambda report_stage: "next").wait(30)  # an owner whose job ended may submit again
 
 
 def test_two_workers_run_two_jobs_at_once_and_a_failure_does_not_stop_the_queue():
@@ -139,39 +150,58 @@ class Recording(MemoryMediaFileStorage):
         return file_id
 
 
+@contextlib.contextmanager
+def one_runtime(mp: pytest.MonkeyPatch):
+    """Let AppTest pages run at the same time (see the module docstring): one Streamlit runtime for all of them
+    (AppTest's per-run swaps land on a subclass nothing reads), one script cache (AppTest compiles the page anew
+    for every run, and CPython 3.11's parser is not safe to run in several threads at once), the AppTest config
+    patch applied once, and the progress-bar texts of every page recorded by job owner."""
+    runtime = MagicMock(spec=Runtime)
+    runtime.media_file_mgr = MediaFileManager(Recording("/mock/media"))
+    runtime.dataframe_source_mgr = DataframeSourceManager()
+    runtime.cache_storage_manager = MemoryCacheStorageManager()
+    mp.setattr(Runtime, "_instance", runtime)
+    mp.setattr(app_test_module, "Runtime", type("PerRunRuntime", (Runtime,), {}))
+    mp.setattr(app_test_module, "patch_config_options", lambda overrides: contextlib.nullcontext())
+    script_cache = ScriptCache()
+    mp.setattr(local_script_runner, "ScriptCache", lambda: script_cache)
+    shown: dict[str, list[str]] = defaultdict(list)
+    status = app_jobs.job_status
+
+    def recorded(job, queue, stages):
+        fraction, text = status(job, queue, stages)
+        if not shown[job.owner] or shown[job.owner][-1] != text:
+            shown[job.owner].append(text)
+        return fraction, text
+
+    mp.setattr(app_jobs, "job_status", recorded)
+    with patch_config_options({"global.appTest": True}):
+        yield shown
+
+
 class User:
-    """One browser session driven in its own thread: upload its case, press Segment, follow the page."""
+    """One browser session driven in its own thread: upload its case, press Segment; the run returns when the
+    page has the result."""
 
     def __init__(self, case: Path) -> None:
         self.case = case
-        self.shown: list[str] = []  # the job panel's texts, in order
         self.error: BaseException | None = None
 
-    def run(self, submitted: threading.Barrier) -> None:
+    def run(self) -> None:
         try:
-            with PAGE_RUN:
-                self.at = AppTest.from_file(str(APP), default_timeout=300).run()
-            files = [(p.name, p.read_bytes(), "application/gzip") for p in self.inputs()]
-            with PAGE_RUN:
-                self.at.file_uploader[0].set_value(files).run()
-            with PAGE_RUN:
-                button(self.at, "Segment").click().run()
-                self.job = self.at.session_state.job
-                self.note()
-            submitted.wait()
-            while "job" in self.at.session_state:
-                time.sleep(0.5)
-                with PAGE_RUN:
-                    self.at.run()
-                    self.note()
+            self.at = AppTest.from_file(str(APP), default_timeout=900).run()
+            self.at.file_uploader[0].set_value([(p.name, p.read_bytes(), "application/gzip")
+                                                for p in self.inputs()]).run()
+            button(self.at, "Segment").click().run()
         except BaseException as exc:  # reported by the test's thread
             self.error = exc
 
     def inputs(self) -> list[Path]:
         return [self.case / f"{self.case.name}_{m}.nii.gz" for m in SEQUENCES]
 
-    def note(self) -> None:
-        self.shown += [p.text for p in self.at.get("progress")]
+    @property
+    def owner(self) -> str:
+        return self.at.session_state.job_owner
 
 
 def page_bytes(at: AppTest) -> bytes:
@@ -196,78 +226,97 @@ def viewer_files(at: AppTest) -> dict[str, bytes]:
     return {arg.key: arg.bytes for arg in viewer.proto.special_args if arg.bytes}
 
 
+def held_segmenter(mp: pytest.MonkeyPatch, gate: threading.Event) -> dict:
+    """Every case waits at the segmenter's door until ``gate`` opens; returns the cases in the order they entered
+    and the most that were inside at once."""
+    seen = {"entered": [], "inside": 0, "peak": 0}
+    count = threading.Lock()
+    real = Segmenter.segment_case
+
+    def held(self, case, *args, **kwargs):
+        with count:
+            seen["entered"].append(case.case_id)
+            seen["inside"] += 1
+            seen["peak"] = max(seen["peak"], seen["inside"])
+        try:
+            assert gate.wait(600), "the gate never opened"
+            return real(self, case, *args, **kwargs)
+        finally:
+            with count:
+                seen["inside"] -= 1
+
+    mp.setattr(Segmenter, "segment_case", held)
+    return seen
+
+
+def wait_until(condition, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def eight_sessions(tmp_path_factory):
-    """Eight sessions at once, one worker. The first case to reach the model waits there until all eight pages
-    have submitted, so the positions they show are known; then the queue runs freely."""
+    """Eight sessions at once, one worker. The first case to reach the segmenter waits there until all eight pages
+    show their place, so the positions they show are known; then the queue runs freely."""
     if not BRATS.is_dir():
         pytest.skip(f"real data folder {BRATS} is absent")
     root = tmp_path_factory.mktemp("load")
     cases = [cropped_real_case(root / "cases", name) for name in CASES]
     model = tiny_checkpoint(root / "tiny.pt")
-    gate, entered, running, peak = threading.Event(), [], [0], [0]
-    count = threading.Lock()
-    real = Segmenter.segment_case
-
-    def gated(self, case, *args, **kwargs):
-        with count:
-            entered.append(case.case_id)
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        try:
-            assert gate.wait(300), "the sessions never all submitted"
-            return real(self, case, *args, **kwargs)
-        finally:
-            with count:
-                running[0] -= 1
-
+    gate = threading.Event()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(neuromap.zoo, "WEIGHTS_DIR", root / "no_weights")
         mp.setenv("NEUROMAP_APP_MODEL", str(model))
         mp.setenv("NEUROMAP_APP_WORKERS", "1")
         mp.delenv("NEUROMAP_APP_MAX_UPLOAD_MB", raising=False)
-        mp.setattr(app_test_module, "MemoryMediaFileStorage", Recording)
-        mp.setattr(Segmenter, "segment_case", gated)
-        users = [User(case) for case in cases]
-        submitted = threading.Barrier(len(users) + 1, timeout=600)
-        threads = [threading.Thread(target=user.run, args=(submitted,)) for user in users]
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        submitted.wait()
-        gate.set()
-        for thread in threads:
-            thread.join(900)
-        elapsed = time.monotonic() - started
+        seen = held_segmenter(mp, gate)
+        with one_runtime(mp) as shown:
+            users = [User(case) for case in cases]
+            threads = [threading.Thread(target=user.run) for user in users]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: len(shown) == len(users) or any(u.error for u in users))
+            gate.set()
+            for thread in threads:
+                thread.join(900)
     for user in users:
         if user.error is not None:
             raise user.error
-    yield {"users": users, "entered": entered, "peak": peak[0], "model": model, "root": root, "elapsed": elapsed}
+    yield {"users": users, "shown": shown, "seen": seen, "model": model, "root": root}
     clear_session_resource_cache(APPTEST_SESSION_ID)  # in case a test failed before ending the sessions
 
 
 @needs_real_data
 def test_queue_positions_shown_and_one_case_at_a_time(eight_sessions):
-    users = sorted(eight_sessions["users"], key=lambda u: u.job.seq)  # in the order they reached the queue
+    shown, seen = eight_sessions["shown"], eight_sessions["seen"]
+    # The order the jobs reached the queue: the order their cases entered the segmenter (first come, first served,
+    # checked by the places below).
+    users = sorted(eight_sessions["users"], key=lambda u: seen["entered"].index(u.case.name))
     for rank, user in enumerate(users):
-        first = user.shown[0]
+        texts = shown[user.owner]
         if rank == 0:  # first: either still waiting for the idle worker to pick it up, or running
-            assert first.startswith(("Waiting, 0 ahead", "Arranging the files")), first
+            assert texts[0].startswith(("Waiting, 0 ahead", "Arranging the files")), texts[0]
         else:
-            assert first.startswith(f"Waiting, {rank} ahead (one segmentation runs at a time)"), first
-        places = [int(m.group(1)) for text in user.shown if (m := WAITING.match(text))]
+            assert texts[0].startswith(f"Waiting, {rank} ahead (one segmentation runs at a time)"), texts[0]
+        places = [int(m.group(1)) for text in texts if (m := WAITING.match(text))]
         assert places == sorted(places, reverse=True), f"{user.case.name}: its place went back: {places}"
-        assert user.shown[-1].startswith(f"Done: {user.case.name} in ")
-    assert eight_sessions["entered"] == [u.case.name for u in users]  # first come, first served
-    assert eight_sessions["peak"] == 1  # one worker: never two cases in the model's stage at once
+        assert places[-1:] in ([0], [1], []), f"{user.case.name}: it left the queue from place {places[-1]}"
+        assert user.at.get("progress")[0].text.startswith(f"Done: {user.case.name} in ")
+    assert seen["peak"] == 1  # one worker: never two cases in the segmenter at once
 
 
 @needs_real_data
 def test_every_session_gets_its_own_result_as_the_cli_gives_it(eight_sessions):
     root, model = eight_sessions["root"], eight_sessions["model"]
+    # The same cases through `neuromap segment` with the same model (one batch): the same labels and volumes.
+    cli_out = root / "cli"
+    assert cli.main(["segment", str(root / "cases"), "-o", str(cli_out), "--model", str(model)]) == 0
     for user in eight_sessions["users"]:
         at = user.at
         assert not at.exception and not at.error, [e.value for e in at.error]
+        assert "job" not in at.session_state
         files = downloads(at, Recording.served)
         labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
         upload = nib.load(str(user.inputs()[0]))
@@ -275,12 +324,9 @@ def test_every_session_gets_its_own_result_as_the_cli_gives_it(eight_sessions):
         report = at.session_state.result["report"]
         assert report["case_id"] == user.case.name
         assert report["inputs"] == {m: f"{user.case.name}_{m}.nii.gz" for m in SEQUENCES}
-        # The same case through `neuromap segment` with the same model: the same labels and volumes.
-        out = root / "cli" / user.case.name
-        assert cli.main(["segment", str(user.case), "-o", str(out), "--model", str(model)]) == 0
-        expected = nib.load(str(out / f"{user.case.name}_seg.nii.gz"))
+        expected = nib.load(str(cli_out / f"{user.case.name}_seg.nii.gz"))
         assert np.array_equal(np.asarray(labels.dataobj), np.asarray(expected.dataobj))
-        cli_report = json.loads((out / f"{user.case.name}_report.json").read_text())
+        cli_report = json.loads((cli_out / f"{user.case.name}_report.json").read_text())
         assert report["volumes_ml"] == cli_report["volumes_ml"]
         table = at.table[0].value
         assert list(table["Volume (mL)"]) == [f"{report['volumes_ml'][k]:.2f}" for k in ("NCR", "ED", "ET", "WT", "TC")]
@@ -331,35 +377,33 @@ def test_ending_the_sessions_deletes_every_folder(eight_sessions):
 def test_session_end_cancels_a_queued_job_at_once_and_a_running_one_at_its_next_stage(monkeypatch, tmp_path):
     """Two sessions, one worker: A's case is in the segmenter (held there), B's waits. Both sessions end: B's job
     is dropped and its folder deleted at once; A's folder stays until A's job has stopped, then goes too."""
-    case_a = cropped_real_case(tmp_path / "a", CASES[0])
-    case_b = cropped_real_case(tmp_path / "b", CASES[1])
+    users = [User(cropped_real_case(tmp_path / "cases", name)) for name in CASES[:2]]
     monkeypatch.setattr(neuromap.zoo, "WEIGHTS_DIR", tmp_path / "no_weights")
     monkeypatch.setenv("NEUROMAP_APP_MODEL", str(tiny_checkpoint(tmp_path / "tiny.pt")))
     monkeypatch.delenv("NEUROMAP_APP_WORKERS", raising=False)  # the default: one worker
-    gate, entered = threading.Event(), []
-    real = Segmenter.segment_case
-
-    def held(self, case, *args, **kwargs):
-        entered.append(case.case_id)
-        assert gate.wait(120)
-        return real(self, case, *args, **kwargs)
-
-    monkeypatch.setattr(Segmenter, "segment_case", held)
-    pages = []
-    for case in (case_a, case_b):
-        at = AppTest.from_file(str(APP), default_timeout=120).run()
-        at.file_uploader[0].set_value([(p.name, p.read_bytes(), "application/gzip") for p in User(case).inputs()])
-        button(at.run(), "Segment").click().run()
-        pages.append(at)
-    a, b = pages
-    assert b.get("progress")[0].text.startswith("Waiting, 1 ahead")
-    job_a, job_b = a.session_state.job, b.session_state.job
-    root_a, root_b = a.session_state.workspace.root, b.session_state.workspace.root
-    clear_session_resource_cache(APPTEST_SESSION_ID)  # Streamlit's session end (disconnect or shutdown)
-    assert job_b.state == CANCELLED and not root_b.exists()
-    assert job_a.state == "running" and job_a.cancel_requested and root_a.is_dir()
-    gate.set()
-    assert job_a.wait(120)
-    assert job_a.state == CANCELLED and isinstance(job_a.error, Cancelled)
-    assert not root_a.exists() and entered == [CASES[0]]
-    assert app_jobs.shared_queue(1).active(job_b.owner) is None
+    gate = threading.Event()
+    seen = held_segmenter(monkeypatch, gate)
+    with one_runtime(monkeypatch) as shown:
+        threads = [threading.Thread(target=user.run) for user in users]
+        for user, thread in zip(users, threads, strict=True):
+            thread.start()
+            wait_until(lambda user=user: hasattr(user, "at") and "job" in user.at.session_state
+                       and user.owner in shown, 300)
+        a, b = users
+        job_a, job_b = a.at.session_state.job, b.at.session_state.job
+        wait_until(lambda: job_a.stage == "arranging" and seen["entered"] == [a.case.name], 300)
+        assert shown[b.owner][-1].startswith("Waiting, 1 ahead")
+        root_a, root_b = a.at.session_state.workspace.root, b.at.session_state.workspace.root
+        clear_session_resource_cache(APPTEST_SESSION_ID)  # Streamlit's session end (disconnect or shutdown)
+        assert job_b.state == CANCELLED and not root_b.exists()
+        assert job_a.state == "running" and job_a.cancel_requested and root_a.is_dir()
+        gate.set()
+        assert job_a.wait(120)
+        assert job_a.state == CANCELLED and isinstance(job_a.error, Cancelled)
+        assert not root_a.exists() and seen["entered"] == [a.case.name]
+        for thread in threads:
+            thread.join(120)
+    # Unlike a server, AppTest does not stop the two page runs when their sessions end: they went on and made new
+    # sessions (as a reconnecting page would); end those too.
+    clear_session_resource_cache(APPTEST_SESSION_ID)
+    assert not any(user.error for user in users)

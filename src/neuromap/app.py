@@ -25,9 +25,8 @@ import streamlit as st
 from neuromap.app_jobs import (
     CANCELLED,
     Job,
-    finished_job,
+    follow_job,
     job_busy,
-    job_panel,
     page_session,
     queue_workers,
     stop_job,
@@ -257,9 +256,9 @@ def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | 
 
 
 def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: str | Path | None, tta: bool) -> None:
-    """Arrange the chosen files as one case folder and queue its segmentation (`neuromap.app_jobs`); `take_result`
-    shows how it ended. The previous result goes first: after a failure nothing stale stays on screen (its files
-    are deleted), and the reason stays shown, unfolded and worded for the page."""
+    """Arrange the chosen files as one case folder and queue its segmentation (`neuromap.app_jobs`); the page follows
+    it and `take_result` keeps how it ended. The previous result goes first: after a failure nothing stale stays on
+    screen (its files are deleted), and the reason stays shown, unfolded and worded for the page."""
     ws = workspace()
     for key in ("result", "run_error", "done_text"):
         st.session_state.pop(key, None)
@@ -293,6 +292,7 @@ def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: 
             raise NeuroMapError(reword(str(exc))) from None
 
     submit(work)
+    st.rerun()  # the page with Segment disabled, following the job
 
 
 def take_result(job: Job) -> None:
@@ -390,8 +390,6 @@ def main() -> None:
         st.error(str(exc))
         return
     workspace()  # first: a session whose folder went with a dropped connection forgets its case and job
-    if job := finished_job():
-        take_result(job)
     with st.sidebar:
         st.header("1. Upload a case")
         upload_panel(cfg.max_upload_mb)
@@ -427,11 +425,12 @@ def main() -> None:
         if blocked:
             st.warning(blocked, icon=":material/block:")
         if st.button("Segment", type="primary", disabled=bool(blocked) or job_busy(), icon=":material/play_arrow:",
-                     help=blocked):
+                     help=blocked) and not job_busy():
             run_segmentation(staged, choices, model, tta)
-        if job_busy():
-            job_panel(STAGES)
-        elif st.session_state.get("done_text"):
+        if job := follow_job(STAGES):  # waits here while the job is queued or running
+            take_result(job)
+            st.rerun()  # the page as it is now: Segment enabled again, the result below
+        if st.session_state.get("done_text"):
             st.progress(1.0, text=st.session_state.done_text)
         if st.session_state.get("run_error"):
             st.error(f"Segmentation failed: {st.session_state.run_error}", icon=":material/error:")
