@@ -10,13 +10,13 @@ job is dropped, a running one stops at its next stage (`Job.report_stage` raises
 
 Session end: Streamlit calls the ``on_release`` of a session-scoped ``st.cache_resource`` when the session's
 browser disconnects (tab closed, network lost) and when the session shuts down (``AppSession.clear_session_caches``;
-the hook maintainers point to for this in streamlit/streamlit#8545, and the one their docs name for releasing
-per-session resources). `session_of` is such a resource: it creates the session's
-private temp folder (`neuromap.webapp_io.Workspace`), and its release cancels the session's job and deletes the
-folder, at once or, if the job is running, when the job has stopped (it would otherwise write into a deleted folder
-and recreate it). A reconnect after a dropped connection therefore starts with a new, empty folder; the page notices
-(`neuromap.app.workspace`) and forgets the old case. `Workspace`'s own finalizers stay as a second line (garbage
-collection, server exit).
+the hook Streamlit's maintainers point to for this in streamlit/streamlit#8545, and the one its docs name for
+releasing per-session resources; no periodic sweep is needed). `session_of` is such a resource: it creates the
+session's private temp folder (`neuromap.webapp_io.Workspace`), and its release cancels the session's job and
+deletes the folder, at once or, if the job is running, when the job has stopped (it would otherwise write into a
+deleted folder and recreate it). A reconnect after a dropped connection therefore starts with a new, empty folder;
+the page notices (`neuromap.app.workspace`) and forgets the old case. `Workspace`'s own finalizers stay as a second
+line (garbage collection, server exit).
 """
 
 from __future__ import annotations
@@ -248,9 +248,9 @@ def follow_job(stages: dict[str, tuple[float, str]]) -> Job | None:
     it, taken out of the session, for the page to show its outcome. None when the session has no job.
 
     The page's script run waits here. Each redraw is one small message; polling from a fragment that reruns every
-    second (``st.fragment(run_every=1)``) costs a run of the page each time instead: measured on a real server at
-    about ten times the server's CPU per waiting page (0.049 against 0.0047 CPU seconds per second for a bare
-    progress bar; 0.076 for this page's, on the loaded 2-core VM). A rerun (the user changed something) or the end
+    second (``st.fragment(run_every=1)``) costs a run of the page each time instead: on a real server, for a bare
+    progress bar redrawn once a second, 0.049 CPU seconds per second against 0.0047 this way (ten times; 0.076 for
+    this page's fragment), measured on the loaded 2-core VM. A rerun (the user changed something) or the end
     of the session stops the script at its next redraw, as Streamlit stops scripts; the job goes on, and the next
     run of the page follows it again."""
     job = st.session_state.get("job")
