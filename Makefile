@@ -30,6 +30,7 @@ test: setup browser
 bench: setup browser
 	$(PY) benchmarks/segment_speed.py
 	$(PY) benchmarks/engines.py
+	$(PY) benchmarks/lgg_load.py
 	$(PY) benchmarks/app_load.py
 
 clean:

@@ -2,9 +2,9 @@
 
 Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then a
 `neuromap.segmenter.Segmenter` (shared by all sessions and reruns, so a model is loaded once per process) segments
-the case exactly as ``neuromap segment`` does and writes the label NIfTI (input grid and affine), report JSON and
-overlay PNG into the session's private temp folder; the segmentations of all sessions wait in one queue
-(`neuromap.app_jobs`), which also deletes a session's folder when the session ends. The viewer
+the case exactly as ``neuromap segment`` does and writes the label NIfTI (input grid and affine), uncertainty map,
+report JSON and overlay PNG into the session's private temp folder; the segmentations of all sessions wait in one
+queue (`neuromap.app_jobs`), which also deletes a session's folder when the session ends. The viewer
 (`neuromap.app_viewer`) and the downloads read those files, and the model's task decides the table, legend and
 colours. Start it with ``neuromap app`` (localhost only); settings come from environment variables that command
 sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300), ``NEUROMAP_APP_MODEL`` (a checkpoint path offered in
@@ -36,6 +36,7 @@ from neuromap.app_viewer import result_task, viewer
 from neuromap.config import MODALITIES, InferenceConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io import NIFTI, atomic_path, cases_from_inputs
+from neuromap.io.layout import UNCERTAINTY
 from neuromap.labels import CONVENTIONS
 from neuromap.report import RESEARCH_NOTICE
 from neuromap.segmenter import Segmenter, SegmentResult
@@ -213,8 +214,9 @@ def sequence_table(staged: list[StagedFile]) -> dict[Path, str]:
 @st.cache_resource(max_entries=4, show_spinner="Loading the model")
 def cached_segmenter(model: str | None, tta: bool) -> Segmenter:
     """One Segmenter per model choice and TTA setting, shared across reruns and sessions, so a model is loaded
-    once (and again only when its file changes, e.g. a new upload under the same name)."""
-    return Segmenter(model, InferenceConfig(tta=tta), OUTPUT_LABELS)
+    once (and again only when its file changes, e.g. a new upload under the same name). It also writes the
+    uncertainty map (no extra model pass), which the viewer overlays and the downloads offer."""
+    return Segmenter(model, InferenceConfig(tta=tta, uncertainty=True), OUTPUT_LABELS)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -334,6 +336,7 @@ def volumes_panel(result: dict) -> None:
     """Volumes of the model's task, warnings and model facts."""
     report, task = result["report"], result_task(result)
     volumes = report["volumes_ml"]
+    quality_panel(report["quality"])
     st.subheader("Volumes")
     st.table({"Region": [s.name for s in task.structures],
               "Volume (mL)": [f"{volumes[s.key]:.2f}" for s in task.structures],
@@ -347,13 +350,15 @@ def volumes_panel(result: dict) -> None:
 
 
 def downloads_panel(result: dict) -> None:
-    """The three downloads (the files the segmenter wrote, byte for byte, the report naming the uploaded
-    files) and what the label values mean."""
+    """The downloads (the files the segmenter wrote, byte for byte, the report naming the uploaded files) and
+    what the label values mean."""
     report, task = result["report"], result_task(result)
     st.subheader("Downloads")
     kinds = [(result["labels_output"], "Label map (NIfTI, input grid)", "application/gzip"),
              (result["files"]["report.json"], "Report (JSON)", "application/json"),
              (result["files"]["overlay.png"], "Overlay (PNG)", "image/png")]
+    if UNCERTAINTY in result["files"]:
+        kinds.append((result["files"][UNCERTAINTY], "Uncertainty map (NIfTI, input grid, 0-255)", "application/gzip"))
     for file, label, mime in kinds:
         path = Path(file)
         st.download_button(label, path.read_bytes(), file_name=path.name, mime=mime, key=f"dl_{label}",
@@ -370,6 +375,23 @@ def scroll_to(anchor: str) -> None:
     which Streamlit serves from the same origin)."""
     st.iframe(f"<script>window.parent.document.getElementById({json.dumps(anchor)})"
               "?.scrollIntoView({behavior: 'smooth', block: 'start'});</script>", height=1)
+
+
+def quality_panel(quality: dict) -> None:
+    """The case's quality estimate (`neuromap.quality`): the score, the flag and why, and where the score comes
+    from, so a user knows which results to check first."""
+    st.subheader("Quality estimate")
+    score = "not available" if quality["score"] is None else f"{quality['score']:.2f}"
+    text = f"Estimated mean Dice {score}: **{'OK' if quality['flag'] == 'ok' else 'review this result'}**"
+    if quality["flag"] == "ok":
+        st.success(text, icon=":material/check_circle:")
+    else:
+        st.warning(text + "\n\n" + "\n".join(f"- {reason}" for reason in quality["reasons"]),
+                   icon=":material/flag:")
+    calibration = quality.get("calibration")
+    if calibration:
+        st.caption(f"An estimate, not a measurement: fitted on {calibration['fitted_on']}; leave-one-out Spearman "
+                   f"correlation with true Dice {calibration['loo_spearman']:.2f} (n = {calibration['n']}).")
 
 
 # ---------------------------------------------------------------------------------------------------- page
