@@ -418,13 +418,16 @@ def test_cli_app_runs_streamlit_on_localhost(monkeypatch, tiny_model):
             return 0
 
     monkeypatch.setattr("subprocess.Popen", FakeServer)
-    assert cli.main(["app", "--port", "8765", "--max-upload-mb", "50", "--model", str(tiny_model)]) == 0
+    given = ["--port", "8765", "--max-upload-mb", "50", "--model", str(tiny_model), "--workers", "3"]
+    assert cli.main(["app", *given]) == 0
     command, env = started[0]
     assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("neuromap/app.py")
     flags = dict(zip(command[5::2], command[6::2], strict=True))
     assert flags["--server.headless"] == "true" and flags["--server.address"] == "127.0.0.1"
     assert flags["--server.port"] == "8765" and flags["--server.maxUploadSize"] == "50"
     assert env["NEUROMAP_APP_MAX_UPLOAD_MB"] == "50.0" and env["NEUROMAP_APP_MODEL"] == str(tiny_model)
+    assert env["NEUROMAP_APP_WORKERS"] == "3"
+    assert cli.main(["app"]) == 0 and started[-1][1]["NEUROMAP_APP_WORKERS"] == "1"  # the default: one at a time
     assert cli.main(["app", "--model", "/no/such.pt"]) == cli.EXIT_USER_ERROR
     with pytest.raises(SystemExit) as refused:  # argparse checks the range (`neuromap.options`)
         cli.main(["app", "--max-upload-mb", "0"])

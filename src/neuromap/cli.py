@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from neuromap.errors import NeuroMapError
-from neuromap.options import FOLD, PORT, SLICE, THREADS, UPLOAD_MB, VOXEL_SIZE
+from neuromap.options import DEFAULT_APP_WORKERS, FOLD, PORT, SLICE, THREADS, UPLOAD_MB, VOXEL_SIZE, WORKERS
 
 EXIT_USER_ERROR = 2
 
@@ -280,7 +280,8 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
-    env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb)}
+    env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb),
+           "NEUROMAP_APP_WORKERS": str(args.workers)}
     if args.model:
         if not is_model(args.model):
             raise NeuroMapError(f"--model {args.model}: not a shipped model name nor a checkpoint file.")
@@ -432,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=PORT, default=8501)
     p.add_argument("--max-upload-mb", type=UPLOAD_MB, default=300, help="upload limit per case in MB (default 300)")
     p.add_argument("--model", help="also offer this checkpoint path (or shipped model name) in the model list")
+    p.add_argument("--workers", type=WORKERS, default=DEFAULT_APP_WORKERS,
+                   help="segmentations run at a time, for all users together; the others wait in a queue and their "
+                        f"pages show their place (default {DEFAULT_APP_WORKERS}: one case in memory at a time)")
     p.set_defaults(func=cmd_app)
     return parser
 
