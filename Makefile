@@ -27,10 +27,11 @@ test: setup browser
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup browser
 	$(PY) benchmarks/segment_speed.py
 	$(PY) benchmarks/engines.py
 	$(PY) benchmarks/lgg_load.py
+	$(PY) benchmarks/app_load.py
 	$(PY) benchmarks/skip_slices.py
 
 clean:

@@ -1,12 +1,14 @@
 """NeuroMap web app (Streamlit): upload one case, segment it, inspect the result, download the files.
 
 Thin over the Python API: the uploaded files are checked and arranged by `neuromap.webapp_io`, then a
-`neuromap.segmenter.Segmenter` (cached across reruns, so the model is loaded once) segments the case exactly as
-``neuromap segment`` does and writes the label NIfTI (input grid and affine), report JSON and overlay PNG into the
-session's private temp folder; the viewer (`neuromap.app_viewer`) and the downloads read those files, and the
-model's task decides the table, legend and colours. Start it with ``neuromap app`` (localhost only); settings
-come from environment variables that command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and
-``NEUROMAP_APP_MODEL`` (a checkpoint path offered in the model list).
+`neuromap.segmenter.Segmenter` (shared by all sessions and reruns, so a model is loaded once per process) segments
+the case exactly as ``neuromap segment`` does and writes the label NIfTI (input grid and affine), uncertainty map,
+report JSON and overlay PNG into the session's private temp folder; the segmentations of all sessions wait in one
+queue (`neuromap.app_jobs`), which also deletes a session's folder when the session ends. The viewer
+(`neuromap.app_viewer`) and the downloads read those files, and the model's task decides the table, legend and
+colours. Start it with ``neuromap app`` (localhost only); settings come from environment variables that command
+sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300), ``NEUROMAP_APP_MODEL`` (a checkpoint path offered in
+the model list) and ``NEUROMAP_APP_WORKERS`` (segmentations run at a time, default 1).
 """
 
 from __future__ import annotations
@@ -14,18 +16,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
+from neuromap.app_jobs import (
+    CANCELLED,
+    Job,
+    follow_job,
+    job_busy,
+    page_session,
+    queue_workers,
+    stop_job,
+    submit,
+)
 from neuromap.app_viewer import result_task, viewer
 from neuromap.config import MODALITIES, InferenceConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io import NIFTI, atomic_path, cases_from_inputs
+from neuromap.io.layout import UNCERTAINTY
 from neuromap.labels import CONVENTIONS
 from neuromap.report import RESEARCH_NOTICE
 from neuromap.segmenter import Segmenter, SegmentResult
@@ -51,12 +62,13 @@ OUTPUT_LABELS = "brats"  # BraTS models write 1/2/4, as `neuromap segment` does 
 # The app takes NIfTI cases, so it offers the models of their layout's task (the LGG slice model needs .tif
 # slice folders, which the upload does not take).
 APP_TASK = NIFTI.task
-# Progress bar: where each stage of `Segmenter.segment_case` starts, and what it is called on the page.
+# Progress bar: where each stage of a job (`run_segmentation`, then `Segmenter.segment_case`) starts, and what it is
+# called on the page.
 STAGES = {"arranging": (0.02, "Arranging the files as one case"), "reading": (0.08, "Reading the sequences"),
           "preparing": (0.18, "Preparing (reorienting, cropping, normalising)"),
           "model": (0.3, "Running the model (CPU: the longest step)"), "writing": (0.9, "Writing the results")}
 # Session-state keys that describe the current case; all dropped together when its files are deleted.
-CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "run_error", "model_sig")
+CASE_KEYS = ("staged", "upload_error", "ignored", "case_fallback", "result", "run_error", "model_sig", "done_text")
 
 
 @dataclass
@@ -78,14 +90,21 @@ def settings() -> Settings:
 
 
 def workspace() -> Workspace:
-    """This session's temp folder; kept in session state so it dies (and is deleted) with the session."""
-    if "workspace" not in st.session_state:
-        st.session_state.workspace = Workspace()
-    return st.session_state.workspace
+    """This session's private temp folder (`neuromap.app_jobs.page_session`: deleted when the session ends). A
+    new folder for a session that had one means its connection dropped and the old folder was deleted with it: the
+    case it held is forgotten (the uploads still in the widgets are staged again)."""
+    current = page_session().workspace
+    if st.session_state.get("workspace") is not current:
+        for key in (*CASE_KEYS, "upload_sig", "job"):
+            st.session_state.pop(key, None)
+        st.session_state.workspace = current
+    return current
 
 
 def reset_session() -> None:
-    """'Start over': delete every file of this session and empty the upload widgets (new widget keys)."""
+    """'Start over': stop this session's segmentation, delete its files and empty the upload widgets (new widget
+    keys)."""
+    stop_job()
     workspace().clear()
     for key in (*CASE_KEYS, "upload_sig"):
         st.session_state.pop(key, None)
@@ -120,7 +139,9 @@ def upload_panel(limit_mb: float) -> None:
 
 
 def receive_upload(files: list, is_zip: bool, limit_bytes: int) -> None:
-    """Validate and stage a new upload in a clean workspace; the message of a refusal is kept for the page."""
+    """Validate and stage a new upload in a clean workspace (a segmentation of the previous case is stopped); the
+    message of a refusal is kept for the page."""
+    stop_job()
     ws = workspace()
     ws.clear()
     for key in CASE_KEYS:
@@ -193,8 +214,9 @@ def sequence_table(staged: list[StagedFile]) -> dict[Path, str]:
 @st.cache_resource(max_entries=4, show_spinner="Loading the model")
 def cached_segmenter(model: str | None, tta: bool) -> Segmenter:
     """One Segmenter per model choice and TTA setting, shared across reruns and sessions, so a model is loaded
-    once (and again only when its file changes, e.g. a new upload under the same name)."""
-    return Segmenter(model, InferenceConfig(tta=tta), OUTPUT_LABELS)
+    once (and again only when its file changes, e.g. a new upload under the same name). It also writes the
+    uncertainty map (no extra model pass), which the viewer overlays and the downloads offer."""
+    return Segmenter(model, InferenceConfig(tta=tta, uncertainty=True), OUTPUT_LABELS)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -235,51 +257,12 @@ def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | 
     return plan, None
 
 
-class Progress:
-    """The progress bar of one run: the stage the segmenter reported last and the elapsed time, redrawn by the
-    page's thread while the segmenter works in another (Streamlit elements may only be drawn by the page's)."""
-
-    def __init__(self) -> None:
-        self.stage = "arranging"
-        self.start = time.monotonic()
-        self.bar = st.progress(0.0)
-        self.draw()
-
-    def draw(self) -> None:
-        fraction, text = STAGES[self.stage]
-        self.bar.progress(fraction, text=f"{text} - {time.monotonic() - self.start:.0f} s")
-
-
-def segment_in_background(segmenter: Segmenter, case_dir: Path, out: Path, progress: Progress) -> SegmentResult:
-    """Run the segmentation in a worker thread and redraw ``progress`` twice a second until it ends; its error,
-    if any, is raised here."""
-    outcome: dict = {}
-
-    def work() -> None:
-        try:
-            with cases_from_inputs(case_dir) as cases:
-                (case,) = cases
-                outcome["result"] = segmenter.segment_case(case, out, overwrite=True,
-                                                           on_stage=lambda name: setattr(progress, "stage", name))
-        except BaseException as exc:  # re-raised on the page's thread, where Streamlit shows it
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=work, name="neuromap-segment", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        progress.draw()
-        worker.join(0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
 def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: str | Path | None, tta: bool) -> None:
-    """Arrange the chosen files as one case folder and segment it. The previous result goes first: after a
-    failure nothing stale stays on screen (its files are deleted), and the reason stays shown, unfolded and
-    worded for the page."""
+    """Arrange the chosen files as one case folder and queue its segmentation (`neuromap.app_jobs`); the page follows
+    it and `take_result` keeps how it ended. The previous result goes first: after a failure nothing stale stays on
+    screen (its files are deleted), and the reason stays shown, unfolded and worded for the page."""
     ws = workspace()
-    for key in ("result", "run_error"):
+    for key in ("result", "run_error", "done_text"):
         st.session_state.pop(key, None)
     ws.clear("out")
     case_id = case_id_from_names([p.name for p, m in choices.items() if m != IGNORE],
@@ -287,21 +270,51 @@ def run_segmentation(staged: list[StagedFile], choices: dict[Path, str], model: 
     uploaded = {choices[f.path]: f.name for f in staged if choices.get(f.path, IGNORE) != IGNORE}
     names = {f"{case_id}_{m}{'.nii.gz' if n.lower().endswith('.gz') else '.nii'}": n for m, n in uploaded.items()}
     names.update({f.path.name: f.name for f in staged})
-    progress = Progress()
+
+    def reword(text: str) -> str:
+        return web_message(text, ws.root, names)
+
     try:
         case_dir = build_case_folder(choices, ws.root / "case" / case_id, case_id)
         segmenter = cached_segmenter(None if model is None else str(model), tta)
-        result = segment_in_background(segmenter, case_dir, ws.sub("out"), progress)
     except NeuroMapError as exc:
-        progress.bar.empty()
-        st.session_state.run_error = web_message(str(exc), ws.root, names)
+        st.session_state.run_error = reword(str(exc))
         return
-    progress.bar.progress(1.0, text=f"Done: {result.case_id} in {time.monotonic() - progress.start:.0f} s")
-    report = web_report(result, uploaded, lambda text: web_message(text, ws.root, names))
+    out = ws.sub("out")
+
+    def work(on_stage: Callable[[str], None]) -> tuple[SegmentResult, dict]:
+        """In a worker thread of the queue: segment the case and rewrite its report for the web."""
+        on_stage("arranging")
+        try:
+            with cases_from_inputs(case_dir) as cases:
+                (case,) = cases
+                result = segmenter.segment_case(case, out, overwrite=True, on_stage=on_stage)
+            return result, web_report(result, uploaded, reword)
+        except NeuroMapError as exc:
+            raise NeuroMapError(reword(str(exc))) from None
+
+    submit(work)
+    st.rerun()  # the page with Segment disabled, following the job
+
+
+def take_result(job: Job) -> None:
+    """Keep the outcome of this session's ended job: its result, or the reason it failed (an error that is not a
+    `NeuroMapError` is raised here, on the page's thread, where Streamlit shows it). A cancelled job leaves
+    nothing: whoever cancelled it has moved on."""
+    if job.state == CANCELLED:
+        return
+    if isinstance(job.error, NeuroMapError):
+        st.session_state.run_error = str(job.error)
+        return
+    if job.error is not None:
+        raise job.error
+    result, report = job.result
     st.session_state.result = {"run": st.session_state.get("runs", 0) + 1, "case_id": result.case_id,
                                "report": report, "files": dict(result.files),
                                "labels_output": str(result.labels_output), "inputs": dict(result.report["inputs"])}
     st.session_state.runs = st.session_state.result["run"]
+    waited = f" after {job.started - job.submitted:.0f} s in the queue" if job.started - job.submitted >= 1 else ""
+    st.session_state.done_text = f"Done: {result.case_id} in {job.ended - job.started:.0f} s{waited}"
     st.session_state.scroll_to_result = True
 
 
@@ -323,6 +336,7 @@ def volumes_panel(result: dict) -> None:
     """Volumes of the model's task, warnings and model facts."""
     report, task = result["report"], result_task(result)
     volumes = report["volumes_ml"]
+    quality_panel(report["quality"])
     st.subheader("Volumes")
     st.table({"Region": [s.name for s in task.structures],
               "Volume (mL)": [f"{volumes[s.key]:.2f}" for s in task.structures],
@@ -336,13 +350,15 @@ def volumes_panel(result: dict) -> None:
 
 
 def downloads_panel(result: dict) -> None:
-    """The three downloads (the files the segmenter wrote, byte for byte, the report naming the uploaded
-    files) and what the label values mean."""
+    """The downloads (the files the segmenter wrote, byte for byte, the report naming the uploaded files) and
+    what the label values mean."""
     report, task = result["report"], result_task(result)
     st.subheader("Downloads")
     kinds = [(result["labels_output"], "Label map (NIfTI, input grid)", "application/gzip"),
              (result["files"]["report.json"], "Report (JSON)", "application/json"),
              (result["files"]["overlay.png"], "Overlay (PNG)", "image/png")]
+    if UNCERTAINTY in result["files"]:
+        kinds.append((result["files"][UNCERTAINTY], "Uncertainty map (NIfTI, input grid, 0-255)", "application/gzip"))
     for file, label, mime in kinds:
         path = Path(file)
         st.download_button(label, path.read_bytes(), file_name=path.name, mime=mime, key=f"dl_{label}",
@@ -361,6 +377,23 @@ def scroll_to(anchor: str) -> None:
               "?.scrollIntoView({behavior: 'smooth', block: 'start'});</script>", height=1)
 
 
+def quality_panel(quality: dict) -> None:
+    """The case's quality estimate (`neuromap.quality`): the score, the flag and why, and where the score comes
+    from, so a user knows which results to check first."""
+    st.subheader("Quality estimate")
+    score = "not available" if quality["score"] is None else f"{quality['score']:.2f}"
+    text = f"Estimated mean Dice {score}: **{'OK' if quality['flag'] == 'ok' else 'review this result'}**"
+    if quality["flag"] == "ok":
+        st.success(text, icon=":material/check_circle:")
+    else:
+        st.warning(text + "\n\n" + "\n".join(f"- {reason}" for reason in quality["reasons"]),
+                   icon=":material/flag:")
+    calibration = quality.get("calibration")
+    if calibration:
+        st.caption(f"An estimate, not a measurement: fitted on {calibration['fitted_on']}; leave-one-out Spearman "
+                   f"correlation with true Dice {calibration['loo_spearman']:.2f} (n = {calibration['n']}).")
+
+
 # ---------------------------------------------------------------------------------------------------- page
 
 
@@ -374,9 +407,11 @@ def main() -> None:
                icon=":material/warning:")
     try:
         cfg = settings()
+        queue_workers()
     except NeuroMapError as exc:
         st.error(str(exc))
         return
+    workspace()  # first: a session whose folder went with a dropped connection forgets its case and job
     with st.sidebar:
         st.header("1. Upload a case")
         upload_panel(cfg.max_upload_mb)
@@ -411,9 +446,14 @@ def main() -> None:
             st.markdown(plan)
         if blocked:
             st.warning(blocked, icon=":material/block:")
-        if st.button("Segment", type="primary", disabled=bool(blocked), icon=":material/play_arrow:",
-                     help=blocked):
+        if st.button("Segment", type="primary", disabled=bool(blocked) or job_busy(), icon=":material/play_arrow:",
+                     help=blocked) and not job_busy():
             run_segmentation(staged, choices, model, tta)
+        if job := follow_job(STAGES):  # waits here while the job is queued or running
+            take_result(job)
+            st.rerun()  # the page as it is now: Segment enabled again, the result below
+        if st.session_state.get("done_text"):
+            st.progress(1.0, text=st.session_state.done_text)
         if st.session_state.get("run_error"):
             st.error(f"Segmentation failed: {st.session_state.run_error}", icon=":material/error:")
 
