@@ -6,7 +6,8 @@ Per case, both settings go through the normal `Segmenter.segment_case` path (shi
 ``--threads`` threads), in alternating order so drifting load hits both. Measured:
   - the model stage: wall and CPU seconds of `predict_probs` (the network calls plus the skip's own work; CPU
     seconds, all threads of this process, are the robust number on a shared machine), and how many axial slices
-    the network ran;
+    the network ran; the same for the quality estimate's second pass (the mirrored scan, `neuromap.quality`),
+    and its score and flag with each setting;
   - the labels (input grid, after postprocessing): voxels that differ between the two settings, Dice per region
     (WT/TC/ET) of each against the expert labels; and voxels that differ before postprocessing (prepared space:
     tumour the skip left out that postprocessing would have removed);
@@ -44,31 +45,35 @@ SWEEP_MARGINS_MM = (1.0, 2.0, 4.0)
 
 
 class StageRecorder:
-    """Stands in for `neuromap.segmenter.predict_probs`: calls it, and keeps its wall and CPU seconds, the slices
-    given to the network, the probabilities and the prepared image of the last call (the model stage, exactly as
-    `segment` runs it)."""
+    """Stands in for `neuromap.segmenter.predict_probs`, which `segment` calls once for the labels and again for
+    the quality estimate (the mirrored scan): calls it and keeps, per call since `reset`, its wall and CPU seconds
+    and the slices given to the network, and the probabilities and prepared image of the first (the labels')."""
 
     def __init__(self, predict) -> None:
         self.predict = predict
-        self.wall = self.cpu = 0.0
-        self.slices = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: list[dict] = []
         self.probs = self.image = None
 
-    def _counted(self, runner):
+    def _counted(self, runner, call: dict):
         def run(batch):
-            self.slices += batch.shape[0]
+            call["slices"] += batch.shape[0]
             return runner(batch)
 
         return run
 
     def __call__(self, models, image, cfg, device="cpu", spacing=None):
-        self.slices = 0
-        models = [(self._counted(runner), spec) for runner, spec in models]
+        call = {"slices": 0}
+        models = [(self._counted(runner, call), spec) for runner, spec in models]
         wall, cpu = time.perf_counter(), time.process_time()
-        self.probs = self.predict(models, image, cfg, device=device, spacing=spacing)
-        self.wall, self.cpu = time.perf_counter() - wall, time.process_time() - cpu
-        self.image = image
-        return self.probs
+        probs = self.predict(models, image, cfg, device=device, spacing=spacing)
+        call.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
+        if not self.calls:
+            self.probs, self.image = probs, image
+        self.calls.append(call)
+        return probs
 
 
 class RecordingSegmenter:
@@ -129,11 +134,17 @@ def measure_case(case, segmenters, recorder, order, truth) -> dict:
     for setting in order:
         segmenter = segmenters[setting]
         load = load_now()
+        recorder.reset()
         result = segmenter.segment_case(case)
         labels[setting] = np.asarray(result.labels.dataobj)
-        rows[setting] = {"model_wall_s": recorder.wall, "model_cpu_s": recorder.cpu, "slices_run": recorder.slices,
-                         "load": load,
-                         "dice_vs_truth": dice_per_region(labels[setting], truth)}
+        main, *quality = recorder.calls
+        rows[setting] = {"model_wall_s": main["wall"], "model_cpu_s": main["cpu"], "slices_run": main["slices"],
+                         "quality_passes_cpu_s": sum(c["cpu"] for c in quality),
+                         "quality_passes_slices": sum(c["slices"] for c in quality),
+                         "all_passes_cpu_s": sum(c["cpu"] for c in recorder.calls), "load": load,
+                         "dice_vs_truth": dice_per_region(labels[setting], truth),
+                         "quality": {k: result.report["quality"][k] for k in ("score", "flag")} |
+                         {"flip_dice": result.report["quality"]["signals"]["flip_dice"]}}
         kept[setting] = (segmenter.last, recorder.probs, recorder.image)
     read, probs, image = kept["full"]
     task = task_of(read.models[0][1])
@@ -160,75 +171,86 @@ def measure_case(case, segmenters, recorder, order, truth) -> dict:
 
 
 def summarize(cases: dict, cfg) -> dict:
-    full = [c["full"] for c in cases.values()]
-    skip = [c["skip"] for c in cases.values()]
+    rows = list(cases.values())
+    full = [c["full"] for c in rows]
+    skip = [c["skip"] for c in rows]
+    pairs = list(zip(skip, full, strict=True))
+    prepared = sum(c["prepared_slices"] for c in rows)
 
-    def mean_dice(rows, region):
-        return statistics.fmean(r["dice_vs_truth"][region] for r in rows)
+    def total(key: str, items=rows) -> int:
+        return sum(c[key] for c in items)
+
+    def mean_dice(items, region):
+        return statistics.fmean(r["dice_vs_truth"][region] for r in items)
+
+    def ratio(key: str) -> dict:
+        """skip / full of a per-setting number: the median of the per-case ratios, and of the sums."""
+        return {"median_of_cases": round(statistics.median(s[key] / f[key] for s, f in pairs), 3),
+                "sum": round(sum(s[key] for s, _ in pairs) / sum(f[key] for _, f in pairs), 3)}
 
     sweep = {}
-    for key in next(iter(cases.values()))["sweep"]:
-        entries = [c["sweep"][key] for c in cases.values()]
+    for key in rows[0]["sweep"]:
+        entries = [c["sweep"][key] for c in rows]
         sweep[key] = {
-            "slices_run_share": round(sum(e["slices_run"] for e in entries)
-                                      / sum(c["prepared_slices"] for c in cases.values()), 3),
+            "slices_run_share": round(total("slices_run", entries) / prepared, 3),
             "cases_with_differences": sum(e["voxels_differ"] > 0 for e in entries),
-            "voxels_differ_total": sum(e["voxels_differ"] for e in entries),
-            "mean_dice_change": {r: round(statistics.fmean(e["dice_vs_truth"][r] for e in entries)
-                                          - mean_dice(full, r), 5) for r in REGIONS},
-            "max_abs_case_dice_change": {
-                r: round(max(abs(e["dice_vs_truth"][r] - c["full"]["dice_vs_truth"][r])
-                             for e, c in zip(entries, cases.values(), strict=True)), 5) for r in REGIONS},
+            "voxels_differ_total": total("voxels_differ", entries),
+            "mean_dice_change": {r: round(mean_dice(entries, r) - mean_dice(full, r), 5) for r in REGIONS},
+            "max_abs_case_dice_change": {r: round(max(abs(e["dice_vs_truth"][r] - f["dice_vs_truth"][r])
+                                                      for e, f in zip(entries, full, strict=True)), 5)
+                                         for r in REGIONS},
         }
-    runs = [min(c["full_pass_tumour_slice_runs"], default=0) for c in cases.values()]
     return {
-        "n_cases": len(cases),
+        "n_cases": len(rows),
         "setting": {"skip_stride_mm": cfg.skip_stride_mm, "skip_margin_mm": cfg.skip_margin_mm},
         "mean_dice_full": {r: round(mean_dice(full, r), 4) for r in REGIONS},
         "mean_dice_skip": {r: round(mean_dice(skip, r), 4) for r in REGIONS},
         "max_abs_case_dice_change": {r: round(max(abs(s["dice_vs_truth"][r] - f["dice_vs_truth"][r])
-                                                  for s, f in zip(skip, full, strict=True)), 5) for r in REGIONS},
-        "cases_with_label_differences": sum(c["voxels_differ"] > 0 for c in cases.values()),
-        "voxels_differ_total": sum(c["voxels_differ"] for c in cases.values()),
-        "before_postprocess": {
-            "cases_with_differences": sum(c["voxels_differ_before_postprocess"] > 0 for c in cases.values()),
-            "voxels_differ_total": sum(c["voxels_differ_before_postprocess"] for c in cases.values())},
-        "slices_run_share": round(sum(c["skip"]["slices_run"] for c in cases.values())
-                                  / sum(c["prepared_slices"] for c in cases.values()), 3),
-        "cpu_ratio_skip_over_full": {
-            "median_of_cases": round(statistics.median(s["model_cpu_s"] / f["model_cpu_s"]
-                                                       for s, f in zip(skip, full, strict=True)), 3),
-            "sum": round(sum(s["model_cpu_s"] for s in skip) / sum(f["model_cpu_s"] for f in full), 3)},
-        "wall_ratio_skip_over_full": {
-            "median_of_cases": round(statistics.median(s["model_wall_s"] / f["model_wall_s"]
-                                                       for s, f in zip(skip, full, strict=True)), 3),
-            "sum": round(sum(s["model_wall_s"] for s in skip) / sum(f["model_wall_s"] for f in full), 3)},
+                                                  for s, f in pairs), 5) for r in REGIONS},
+        "cases_with_label_differences": sum(c["voxels_differ"] > 0 for c in rows),
+        "voxels_differ_total": total("voxels_differ"),
+        "before_postprocess": {"cases_with_differences": sum(c["voxels_differ_before_postprocess"] > 0 for c in rows),
+                               "voxels_differ_total": total("voxels_differ_before_postprocess")},
+        "slices_run_share": round(total("slices_run", skip) / prepared, 3),
+        "cpu_ratio_skip_over_full": ratio("model_cpu_s"),
+        "wall_ratio_skip_over_full": ratio("model_wall_s"),
         "model_cpu_s_median": {"full": round(statistics.median(f["model_cpu_s"] for f in full), 2),
                                "skip": round(statistics.median(s["model_cpu_s"] for s in skip), 2)},
-        "slices_without_signal_in_stack": {
-            "total": sum(c["slices_without_signal_in_stack"] for c in cases.values()),
-            "of_prepared_slices": sum(c["prepared_slices"] for c in cases.values()),
-            "full_pass_tumour_on_those": sum(c["full_pass_tumour_on_those"] for c in cases.values())},
-        "thinnest_full_pass_tumour_run": min(runs),
-        "replay_vs_real_voxels_total": sum(c["replay_vs_real_voxels"] for c in cases.values()),
+        "with_quality_pass": {
+            "cpu_ratio_skip_over_full": ratio("all_passes_cpu_s"),
+            "score_max_abs_change": round(max(abs(s["quality"]["score"] - f["quality"]["score"]) for s, f in pairs), 4),
+            "flags_differ": sum(s["quality"]["flag"] != f["quality"]["flag"] for s, f in pairs),
+            "review_flags": {"full": sum(f["quality"]["flag"] == "review" for f in full),
+                             "skip": sum(s["quality"]["flag"] == "review" for s in skip)}},
+        "slices_without_signal_in_stack": {"total": total("slices_without_signal_in_stack"),
+                                           "of_prepared_slices": prepared,
+                                           "full_pass_tumour_on_those": total("full_pass_tumour_on_those")},
+        "thinnest_full_pass_tumour_run": min(min(c["full_pass_tumour_slice_runs"], default=0) for c in rows),
+        "replay_vs_real_voxels_total": total("replay_vs_real_voxels"),
         "sweep_stride/margin": sweep,
     }
 
 
 def markdown(summary: dict, cases: dict) -> str:
-    """Per-case and mean table for docs/experiments/skip_slices.md."""
+    """Per-case and mean table for docs/experiments/skip_slices.md, then the sweep."""
     lines = ["| case | slices run / prepared | voxels differ | Dice full WT/TC/ET | Dice skip WT/TC/ET "
-             "| model CPU s full -> skip |", "|---|---|---|---|---|---|"]
+             "| CPU s labels' pass, full -> skip | with the quality pass | quality score full -> skip |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, c in cases.items():
-        full = " / ".join(f"{c['full']['dice_vs_truth'][r]:.4f}" for r in REGIONS)
-        skip = " / ".join(f"{c['skip']['dice_vs_truth'][r]:.4f}" for r in REGIONS)
-        lines.append(f"| {name} | {c['skip']['slices_run']} / {c['prepared_slices']} | {c['voxels_differ']} | {full} "
-                     f"| {skip} | {c['full']['model_cpu_s']:.1f} -> {c['skip']['model_cpu_s']:.1f} |")
-    mean_full = " / ".join(f"{summary['mean_dice_full'][r]:.4f}" for r in REGIONS)
-    mean_skip = " / ".join(f"{summary['mean_dice_skip'][r]:.4f}" for r in REGIONS)
+        full, skip = c["full"], c["skip"]
+        dice = {k: " / ".join(f"{row['dice_vs_truth'][r]:.4f}" for r in REGIONS) for k, row in
+                (("full", full), ("skip", skip))}
+        lines.append(f"| {name} | {skip['slices_run']} / {c['prepared_slices']} | {c['voxels_differ']} "
+                     f"| {dice['full']} | {dice['skip']} | {full['model_cpu_s']:.1f} -> {skip['model_cpu_s']:.1f} "
+                     f"| {full['all_passes_cpu_s']:.1f} -> {skip['all_passes_cpu_s']:.1f} "
+                     f"| {full['quality']['score']:.3f} -> {skip['quality']['score']:.3f} |")
+    mean = {k: " / ".join(f"{summary[f'mean_dice_{k}'][r]:.4f}" for r in REGIONS) for k in ("full", "skip")}
+    quality = summary["with_quality_pass"]
     lines.append(f"| **mean (n={summary['n_cases']})** | {summary['slices_run_share']:.0%} "
-                 f"| {summary['voxels_differ_total']} | {mean_full} | {mean_skip} "
-                 f"| ratio {summary['cpu_ratio_skip_over_full']['median_of_cases']} (median) |")
+                 f"| {summary['voxels_differ_total']} | {mean['full']} | {mean['skip']} "
+                 f"| ratio {summary['cpu_ratio_skip_over_full']['median_of_cases']} (median) "
+                 f"| ratio {quality['cpu_ratio_skip_over_full']['median_of_cases']} (median) "
+                 f"| max change {quality['score_max_abs_change']} |")
     lines += ["", "| stride / margin (mm) | slices run | cases with differences | voxels differ "
               "| mean Dice change WT/TC/ET |", "|---|---|---|---|---|"]
     for key, s in summary["sweep_stride/margin"].items():

@@ -119,13 +119,15 @@ def test_3d_models_always_run_whole():
     assert on[..., 11].any() and np.array_equal(on, off)
 
 
-def test_the_stride_is_in_mm_and_scans_without_a_voxel_size_run_every_slice():
+def test_every_slice_runs_on_thick_slices_without_a_voxel_size_and_for_maps():
     """Strides and margins are in mm: on 3 mm slices the 4 mm stride is one slice, so every slice runs and the
     lone one-slice tumour that 1 mm slices skip (above) is found; the same when the voxel size is unknown (LGG
-    slices). On 2 mm slices the stride is 2 slices (0, 2, ...): a one-slice tumour on one of them is found."""
+    slices) and when uncertainty or probability maps are asked for (they show the network's values everywhere).
+    On 2 mm slices the stride is 2 slices (0, 2, ...): a one-slice tumour on one of them is found."""
     models = [stand_in()]
-    for spacing in ((1.0, 1.0, 3.0), None):
-        on, off = labels_both_ways(volume((11, 12)), models, spacing=spacing)
+    for spacing, maps in (((1.0, 1.0, 3.0), {}), (None, {}), (MM, {"uncertainty": True}),
+                          (MM, {"probabilities": True})):
+        on, off = labels_both_ways(volume((11, 12)), models, spacing=spacing, **maps)
         assert on[..., 11].any() and np.array_equal(on, off)
     on, _ = labels_both_ways(volume((12, 13)), models, spacing=(1.0, 1.0, 2.0))
     assert on[..., 12].any()

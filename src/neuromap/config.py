@@ -298,7 +298,8 @@ class InferenceConfig(Strict):
     skip_slices: bool = Field(
         True, description="2D models on scans of known voxel size: a coarse pass over one axial slice every "
         "skip_stride_mm, then only the slices near the tumour it finds (`neuromap.inference.near_tumour`); skipped "
-        "slices are certain background. Off (--all-slices): every slice runs"
+        "slices are certain background. Every slice runs when it is off (--all-slices) or uncertainty or "
+        "probability maps are asked for"
     )
     skip_stride_mm: float = Field(
         4.0, gt=0, le=100, description="coarse pass spacing; tumour at least this thick is never missed. 4 mm: a "

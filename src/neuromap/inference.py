@@ -136,8 +136,10 @@ def predict_probs(
 
 def skip_steps(cfg: InferenceConfig, spacing: Sequence[float] | None) -> tuple[int, int] | None:
     """`near_tumour`'s stride and margin in slices for ``cfg`` on slices ``spacing[-1]`` mm apart, or None when
-    every slice runs: the option is off, the voxel size is unknown, or the stride would be one slice."""
-    if not cfg.skip_slices or spacing is None:
+    every slice runs: the option is off, the voxel size is unknown, the stride would be one slice, or uncertainty
+    or probability maps are asked for (they show the network's own values everywhere, and on skipped slices those
+    are not certain background, only below the label threshold)."""
+    if not cfg.skip_slices or spacing is None or cfg.uncertainty or cfg.probabilities:
         return None
     stride = int(cfg.skip_stride_mm / spacing[-1] + 1e-6)
     return (stride, max(1, round(cfg.skip_margin_mm / spacing[-1]))) if stride >= 2 else None
