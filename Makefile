@@ -27,9 +27,11 @@ test: setup browser
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup browser
 	$(PY) benchmarks/segment_speed.py
 	$(PY) benchmarks/engines.py
+	$(PY) benchmarks/lgg_load.py
+	$(PY) benchmarks/app_load.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -7,9 +7,12 @@ the model's own estimate.
 
 - ``--choice thresholds``: each region channel (WT/TC/ET outputs) thresholded at several values, prepared space.
 - ``--choice postprocess``: the postprocessing rules (component removal, small-ET relabelling) with several
-  settings, in each case's own grid after the product's own steps (``neuromap.postprocess``), as `segment` does.
+  settings, in each case's own grid after the product's own steps (``neuromap.postprocess``), as `segment` does;
+  scored on the task's headline structures (WT/TC/ET for BraTS, abnormality for LGG slice stacks, where "largest
+  only" is Buda et al.'s protocol: the largest 3D component, Dice per patient over the slice stack).
 
     python scripts/oof_choices.py runs/brats_unet25d --choice postprocess --folds 0 1 2 3 4
+    python scripts/oof_choices.py runs/lgg_unet2d_cv --choice postprocess --data ../shared/data/lgg_kaggle_3m
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from neuromap.export import labels_in_input_grid
 from neuromap.inference import predict_probs
 from neuromap.io import discover_cases, load_case
 from neuromap.io.case import Volume
-from neuromap.labels import REGIONS, region_masks
+from neuromap.labels import REGIONS
 from neuromap.metrics import binary_case_metrics
 from neuromap.postprocess import postprocess
 from neuromap.preprocess import Prepared, prepare
@@ -75,30 +78,35 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/brats2018"))
     args = parser.parse_args()
     candidates = THRESHOLDS if args.choice == "thresholds" else tuple(POSTPROCESS)
-    scores = {r: {c: [] for c in candidates} for r in REGIONS}
+    scores: dict[str, dict] = {}
     for volume, prepared, probs, spec in held_out_predictions(args.run, args.folds, args.data):
+        task = task_of(spec)
         if args.choice == "thresholds":
+            if task.out != "regions":
+                raise SystemExit(f"{args.run}: --choice thresholds needs a region-output (WT/TC/ET) model.")
             for index, region in enumerate(REGIONS):  # the region's own channel thresholded at t
                 truth = np.isin(prepared.seg, REGIONS[region])
                 for t in THRESHOLDS:
-                    scores[region][t].append(_dice(probs[index].numpy() > t, truth, prepared.spacing))
+                    scores.setdefault(region, {}).setdefault(t, []).append(
+                        _dice(probs[index].numpy() > t, truth, prepared.spacing))
             continue
-        task = task_of(spec)
         raw = labels_in_input_grid(probs, prepared.inverse, task)
-        truth = region_masks(volume.seg)
+        structures = [s for s in task.structures if s.key in task.headline]
+        voxel_ml = volume.voxel_ml if volume.spacing_known else None  # as `segment`: voxels when unknown
         for name, change in POSTPROCESS.items():
             steps = () if change is None else task.postprocess_steps()
-            labels, _ = postprocess(raw, volume.voxel_ml, InferenceConfig(**(change or {})), steps)
-            for region, mask in region_masks(labels).items():
-                scores[region][name].append(_dice(mask, truth[region], volume.spacing))
-    n = len(next(iter(scores["WT"].values())))
+            labels, _ = postprocess(raw, voxel_ml, InferenceConfig(**(change or {})), steps)
+            for s in structures:
+                scores.setdefault(s.key, {}).setdefault(name, []).append(
+                    _dice(np.isin(labels, s.labels), np.isin(volume.seg, s.labels), volume.spacing))
+    keys = list(scores)
+    n = len(next(iter(scores[keys[0]].values())))
     space = "prepared space" if args.choice == "thresholds" else "input grid"
-    print(f"out-of-fold mean Dice per region and candidate ({space}, n = {n})")
-    print(f"| {args.choice} | WT | TC | ET | mean |\n|---|---|---|---|---|")
+    print(f"out-of-fold mean Dice per structure and candidate ({space}, n = {n})")
+    print(f"| {args.choice} | " + " | ".join(keys) + " | mean |\n|---|" + "---|" * (len(keys) + 1))
     for candidate in candidates:
-        means = [np.mean(scores[r][candidate]) for r in REGIONS]
+        means = [np.mean(scores[k][candidate]) for k in keys]
         print(f"| {candidate} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {np.mean(means):.4f} |")
-
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

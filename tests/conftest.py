@@ -75,3 +75,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         PreprocessConfig(mode="2d", slice_size=(64, 64)), "brats", (64, 64), 4,
     )
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", spec, spec.build().state_dict())
+
+
+UNSEEN = UNLABELLED / "BraTS-GLI-00001-000"  # real, expert-unlabelled, never used to train the shipped models
+
+
+@pytest.fixture(scope="session")
+def unseen_segmented(tmp_path_factory):
+    """The unseen real case segmented once by the shipped default model with both maps written (the model run is
+    the slow part, so the tests of maps and quality share it)."""
+    if not UNSEEN.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (fresh clone outside the team setup)")
+    from neuromap.segmenter import segment
+
+    (result,) = segment(UNSEEN, tmp_path_factory.mktemp("unseen"), uncertainty=True, probabilities=True)
+    return result

@@ -135,10 +135,18 @@ def test_upload_segment_table_and_downloads(app, media, tmp_path):
     expected = [f"{report['volumes_ml'][k]:.2f}" for k in ("NCR", "ED", "ET", "WT", "TC")]
     assert list(table["Volume (mL)"]) == expected
     assert report["research_use_only"] and report["case_id"] == "Syn_007"
+    # The quality estimate is shown with its flag and reasons (the test model is uncalibrated: no score, review).
+    assert "Quality estimate" in [h.value for h in app.subheader]
+    assert "Estimated mean Dice not available: **review this result**" in text_of(app.warning)
+    assert report["quality"]["reasons"][0] in text_of(app.warning)
 
     source = nib.load(str(case / "Syn_007_t1.nii.gz"))
     labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
     assert labels.shape == source.shape
+    # The uncertainty map the viewer overlays is offered too, on the input grid (the report names its measure).
+    uncertainty = nib.Nifti1Image.from_bytes(gzip.decompress(files["Uncertainty map (NIfTI, input grid, 0-255)"]))
+    assert uncertainty.shape == source.shape and np.allclose(uncertainty.affine, source.affine)
+    assert uncertainty.get_data_dtype() == np.uint8 and "entropy" in report["uncertainty_map"]["measure"]
     assert np.array_equal(labels.affine, source.affine)
     assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2, 4}
     assert files["Overlay (PNG)"].startswith(b"\x89PNG")
@@ -357,7 +365,7 @@ def test_viewer_scene_and_component_arguments_of_a_real_result(tmp_path, tiny_mo
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])
     affine[:3, 3] = (40, 30, -20)
     case = write_synthetic_case(tmp_path / "in", "Vw1", shape=(40, 32, 16), affine=affine, with_seg=False)
-    (result,) = segment(case, tmp_path / "out", model=str(tiny_model))
+    (result,) = segment(case, tmp_path / "out", model=str(tiny_model), uncertainty=True)
     kept = {"run": 3, "report": result.report, "files": dict(result.files), "inputs": result.report["inputs"],
             "labels_output": str(result.labels_output)}
     args = component_args(kept, {"flair": "FLAIR"})
@@ -368,7 +376,13 @@ def test_viewer_scene_and_component_arguments_of_a_real_result(tmp_path, tiny_mo
     assert args["plane_axes"] == {"sagittal": 0, "coronal": 1, "axial": 2} and args["shape"] == [40, 32, 16]
     voxel = np.array(args["inv_affine"]) @ np.array([*args["start_mm"], 1.0])
     assert np.all(voxel[:3] >= 0) and np.all(voxel[:3] < np.array(args["shape"]))
-    assert args["radiological"] is True and args["extra_name"] is None
+    assert args["radiological"] is True
+    # The uncertainty map is the overlay the viewer can switch on; a result without one offers no toggle.
+    assert args["extra_name"] == "Uncertainty (entropy)"
+    assert args["extra"] == result.files["uncertainty.nii.gz"].read_bytes()
+    del kept["files"]["uncertainty.nii.gz"]
+    without = component_args(kept, {})
+    assert without["extra_name"] is None and without["extra"] is None
 
 
 def test_web_message_names_uploaded_files_and_page_fixes(tmp_path):
@@ -406,13 +420,16 @@ def test_cli_app_runs_streamlit_on_localhost(monkeypatch, tiny_model):
             return 0
 
     monkeypatch.setattr("subprocess.Popen", FakeServer)
-    assert cli.main(["app", "--port", "8765", "--max-upload-mb", "50", "--model", str(tiny_model)]) == 0
+    given = ["--port", "8765", "--max-upload-mb", "50", "--model", str(tiny_model), "--workers", "3"]
+    assert cli.main(["app", *given]) == 0
     command, env = started[0]
     assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("neuromap/app.py")
     flags = dict(zip(command[5::2], command[6::2], strict=True))
     assert flags["--server.headless"] == "true" and flags["--server.address"] == "127.0.0.1"
     assert flags["--server.port"] == "8765" and flags["--server.maxUploadSize"] == "50"
     assert env["NEUROMAP_APP_MAX_UPLOAD_MB"] == "50.0" and env["NEUROMAP_APP_MODEL"] == str(tiny_model)
+    assert env["NEUROMAP_APP_WORKERS"] == "3"
+    assert cli.main(["app"]) == 0 and started[-1][1]["NEUROMAP_APP_WORKERS"] == "1"  # the default: one at a time
     assert cli.main(["app", "--model", "/no/such.pt"]) == cli.EXIT_USER_ERROR
     with pytest.raises(SystemExit) as refused:  # argparse checks the range (`neuromap.options`)
         cli.main(["app", "--max-upload-mb", "0"])
@@ -455,7 +472,8 @@ def test_binary_model_result_panel_viewer_and_downloads(monkeypatch, media, tmp_
     assert [(i["value"], i["name"]) for i in legend] == [(1, "abnormality (predicted)")]
     assert "Labels in the NIfTI: 1 abnormality (binary convention)" in text_of(at.caption)
     files = downloads(at, media)
-    assert sorted(files) == ["Label map (NIfTI, input grid)", "Overlay (PNG)", "Report (JSON)"]
+    assert sorted(files) == ["Label map (NIfTI, input grid)", "Overlay (PNG)", "Report (JSON)",
+                             "Uncertainty map (NIfTI, input grid, 0-255)"]
     labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
     assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1}
     assert json.loads(files["Report (JSON)"])["label_convention"] == "binary"
@@ -591,7 +609,7 @@ def test_dicom_zip_shows_the_mapping_lets_the_user_settle_a_tie_and_gives_a_dico
 
     files = downloads(app, media)
     assert sorted(files) == ["DICOM SEG (on series #9)", "Label map (NIfTI, input grid)", "Overlay (PNG)",
-                             "Report (JSON)"]
+                             "Report (JSON)", "Uncertainty map (NIfTI, input grid, 0-255)"]
     report = json.loads(files["Report (JSON)"])
     used = report["dicom"]["series_used"]
     assert used["t1ce"]["number"] == 9

@@ -766,3 +766,60 @@ def test_evaluate_mistakes(tmp_path, case):
     pred = _prediction_folder(tmp_path, case)
     replace(pred / f"{CASE}_seg.nii.gz", voxels(seq(case, "seg"))[:, :, :-1])
     refused(tmp_path, "evaluate", pred, case.parent, "-o", tmp_path / "eval", expect=("shape mismatch",))
+
+
+# ------------------------------------------------------------------------------------------------ LGG slice folders
+
+
+@pytest.fixture
+def lgg_patient(tmp_path) -> Path:
+    """A copy of the first 12 slices (images and masks) of a real LGG patient under ``tmp_path/in``."""
+    source = sorted(p for p in LGG.iterdir() if p.is_dir())[0]
+    folder = tmp_path / "in" / source.name
+    folder.mkdir(parents=True)
+    for n in range(1, 13):
+        for suffix in ("", "_mask"):
+            shutil.copy(source / f"{source.name}_{n}{suffix}.tif", folder / f"{source.name}_{n}{suffix}.tif")
+    return folder
+
+
+def _rewrite_slices(folder: Path, change) -> None:
+    """Apply ``change(image) -> image`` to every image slice (rows x cols x 3 uint8) of a patient folder."""
+    import tifffile
+
+    for path in folder.glob("*.tif"):
+        if not path.stem.endswith("_mask"):
+            tifffile.imwrite(path, np.ascontiguousarray(change(tifffile.imread(path))), photometric="rgb")
+
+
+def _lgg_channel(index: int, value) -> object:
+    def change(image: np.ndarray) -> np.ndarray:
+        image = image.copy()
+        image[..., index] = value(image[..., index])
+        return image
+    return change
+
+
+LGG_CONTENTS = {  # name: (change of every slice, what the refusal says); FLAIR is channel 1, post-contrast 2
+    "flair-constant": (_lgg_channel(1, lambda c: np.full_like(c, 90)), ("flair channel", "constant image")),
+    "flair-is-a-mask": (_lgg_channel(1, lambda c: np.where(c > 60, 255, 0)), ("only 2 distinct values", "mask")),
+    "t1ce-empty": (_lgg_channel(2, np.zeros_like), ("t1ce channel", "all zero (empty)")),
+}
+
+
+@pytest.mark.parametrize("name", list(LGG_CONTENTS))
+def test_implausible_lgg_slices_are_refused(tmp_path, lgg_patient, name):
+    change, expect = LGG_CONTENTS[name]
+    _rewrite_slices(lgg_patient, change)
+    refused(tmp_path, "validate", lgg_patient, expect=expect)
+
+
+def test_saturated_lgg_flair_is_accepted_with_a_warning(lgg_patient):
+    # FLAIR clipped at its median signal value: a third of the head then holds one value
+    _rewrite_slices(lgg_patient, _lgg_channel(1, lambda c: np.where(c > 0, np.maximum(c, 120), 0)))
+    accepted(lgg_patient, "validate", lgg_patient, expect=("OK", "warning:", "saturated or clipped"))
+
+
+def test_real_lgg_slices_validate_without_a_plausibility_warning(lgg_patient):
+    run = accepted(lgg_patient, "validate", lgg_patient, expect=("OK",))
+    assert "saturated" not in run.out and "distinct" not in run.out

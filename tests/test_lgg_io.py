@@ -6,7 +6,6 @@ slice numbers run 1..12 so lexicographic order (1, 10, 11, 12, 2, ...) would be 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +174,7 @@ def test_discovery_skips_top_level_csv_and_readme(tmp_path: Path) -> None:
 @pytest.mark.real
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"real LGG data not found at {REAL}")
 def test_real_patients_load(tmp_path: Path) -> None:
-    start = time.perf_counter()
+    """Every shared patient loads with the right shape and slice order (speed: benchmarks/lgg_load.py)."""
     cases = discover_cases(REAL)
     patients = [p for p in REAL.iterdir() if p.is_dir()]  # the shared folder has grown (14, now 20 patients)
     assert len(cases) == len(patients) >= 14 and all(c.layout is LGG for c in cases)
@@ -189,7 +188,6 @@ def test_real_patients_load(tmp_path: Path) -> None:
         assert volume.seg.any() and volume.image.max() > 0
         total += len(numbers)
     assert total == sum(1 for p in patients for f in p.glob("*.tif") if not f.stem.endswith("_mask"))
-    assert time.perf_counter() - start < 30
 
     # The original download stores the same slices uncompressed: re-save one patient that way, same volume.
     case = cases[0]

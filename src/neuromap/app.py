@@ -3,14 +3,16 @@
 Thin over the Python API: the uploaded files (NIfTI sequences, or a zip of a case folder or of a DICOM study) are
 checked and unpacked by `neuromap.webapp_io`; the page's table sets each file's (or DICOM series') sequence and
 makes the case the CLI would read (a modality mapping, or a DICOM study with its series chosen, as ``--map``
-does); a `neuromap.segmenter.Segmenter` (cached across reruns, so the model is loaded once) segments it exactly as
-``neuromap segment`` does, with ``--raw`` when 'Raw scans' is ticked (ticked for the user when the sequences lie
-on different voxel grids, by the check ``validate`` makes) and ``--dicom-seg`` for DICOM studies, and writes the
-label NIfTI (input grid and affine), report JSON, overlay PNG and those options' files into the session's
-private temp folder; the viewer (`neuromap.app_viewer`) and the downloads read those files, and the model's task
-decides the table, legend and colours. Start it with ``neuromap app`` (localhost only); settings
-come from environment variables that command sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300) and
-``NEUROMAP_APP_MODEL`` (a checkpoint path offered in the model list).
+does); a `neuromap.segmenter.Segmenter` (shared by all sessions and reruns, so a model is loaded once per process)
+segments it exactly as ``neuromap segment`` does, with ``--raw`` when 'Raw scans' is ticked (ticked for the user
+when the sequences lie on different voxel grids, by the check ``validate`` makes) and ``--dicom-seg`` for DICOM
+studies, and writes the label NIfTI (input grid and affine), uncertainty map, report JSON, overlay PNG and those
+options' files into the session's private temp folder; the segmentations of all sessions wait in one queue
+(`neuromap.app_jobs`), which also deletes a session's folder when the session ends. The viewer
+(`neuromap.app_viewer`) and the downloads read those files, and the model's task decides the table, legend and
+colours. Start it with ``neuromap app`` (localhost only); settings come from environment variables that command
+sets: ``NEUROMAP_APP_MAX_UPLOAD_MB`` (per case, default 300), ``NEUROMAP_APP_MODEL`` (a checkpoint path offered in
+the model list) and ``NEUROMAP_APP_WORKERS`` (segmentations run at a time, default 1).
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
-import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
+from neuromap.app_jobs import (
+    CANCELLED,
+    Job,
+    follow_job,
+    job_busy,
+    page_session,
+    queue_workers,
+    stop_job,
+    submit,
+)
 from neuromap.app_viewer import result_task, viewer
 from neuromap.config import MODALITIES, InferenceConfig
 from neuromap.errors import NeuroMapError
@@ -33,6 +43,7 @@ from neuromap.io import DICOM, NIFTI, Case, atomic_path
 from neuromap.io.dicom import Series
 from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.dicom_map import StudyChoice, map_study, propose
+from neuromap.io.layout import UNCERTAINTY
 from neuromap.labels import CONVENTIONS
 from neuromap.prepare_raw import RawOptions
 from neuromap.prepare_raw.layout import BRAIN_MASK, prepared_key
@@ -61,20 +72,22 @@ OUTPUT_LABELS = "brats"  # BraTS models write 1/2/4, as `neuromap segment` does 
 # .tif slice folders, which the upload does not take).
 APP_TASK = NIFTI.task
 TABLE = "the web app's series table"  # who chose a DICOM study's series (the report's "why")
-# Progress bar: what each stage of `Segmenter.segment_case` is called on the page, and where it starts, without
-# and with raw-scan preparation (its steps take most of a raw run: deepbet and the registrations).
-STAGES = {"starting": "Loading the model", "reading": "Reading the sequences",
-          "read": "Raw scans: reading each sequence on its own grid",
-          "register": "Raw scans: co-registering the sequences to the reference (rigid, mutual information)",
-          "resample": "Raw scans: resampling to the 1 mm grid",
-          "brain_mask": "Raw scans: finding the brain (deepbet)", "quality": "Raw scans: checking the registrations",
-          "preparing": "Preparing (reorienting, cropping, normalising)",
-          "model": "Running the model (CPU: the longest step)", "writing": "Writing the results"}
-STARTS = {False: {"starting": 0.02, "reading": 0.08, "preparing": 0.18, "model": 0.3, "writing": 0.9},
-          True: {"starting": 0.01, "reading": 0.02, "read": 0.03, "register": 0.05, "resample": 0.3,
-                 "brain_mask": 0.35, "quality": 0.6, "preparing": 0.65, "model": 0.7, "writing": 0.95}}
+# Progress bar: what each stage of a job (`Segmenter.segment_case`, then the viewer's files) is called on the page
+# and where it starts, without and with raw-scan preparation (its steps take most of a raw run: deepbet and the
+# registrations).
+TEXTS = {"reading": "Reading the sequences", "read": "Raw scans: reading each sequence on its own grid",
+         "register": "Raw scans: co-registering the sequences to the reference (rigid, mutual information)",
+         "resample": "Raw scans: resampling to the 1 mm grid", "brain_mask": "Raw scans: finding the brain (deepbet)",
+         "quality": "Raw scans: checking the registrations",
+         "preparing": "Preparing (reorienting, cropping, normalising)",
+         "model": "Running the model (CPU: the longest step)", "writing": "Writing the results"}
+STARTS = {False: {"reading": 0.05, "preparing": 0.18, "model": 0.3, "writing": 0.9},
+          True: {"reading": 0.02, "read": 0.03, "register": 0.05, "resample": 0.3, "brain_mask": 0.35, "quality": 0.6,
+                 "preparing": 0.65, "model": 0.7, "writing": 0.95}}
+STAGES = {raw: {name: (start, TEXTS[name]) for name, start in starts.items()} for raw, starts in STARTS.items()}
 # Session-state keys that describe the current case; all dropped together when its files are deleted.
-CASE_KEYS = ("staged", "study", "upload_error", "ignored", "case_fallback", "result", "run_error", "model_sig")
+CASE_KEYS = ("staged", "study", "upload_error", "ignored", "case_fallback", "result", "run_error", "model_sig",
+             "done_text")
 
 
 @dataclass(frozen=True)
@@ -119,14 +132,21 @@ def settings() -> Settings:
 
 
 def workspace() -> Workspace:
-    """This session's temp folder; kept in session state so it dies (and is deleted) with the session."""
-    if "workspace" not in st.session_state:
-        st.session_state.workspace = Workspace()
-    return st.session_state.workspace
+    """This session's private temp folder (`neuromap.app_jobs.page_session`: deleted when the session ends). A
+    new folder for a session that had one means its connection dropped and the old folder was deleted with it: the
+    case it held is forgotten (the uploads still in the widgets are staged again)."""
+    current = page_session().workspace
+    if st.session_state.get("workspace") is not current:
+        for key in (*CASE_KEYS, "upload_sig", "job"):
+            st.session_state.pop(key, None)
+        st.session_state.workspace = current
+    return current
 
 
 def reset_session() -> None:
-    """'Start over': delete every file of this session and empty the upload widgets (new widget keys)."""
+    """'Start over': stop this session's segmentation, delete its files and empty the upload widgets (new widget
+    keys)."""
+    stop_job()
     workspace().clear()
     for key in (*CASE_KEYS, "upload_sig"):
         st.session_state.pop(key, None)
@@ -164,7 +184,9 @@ def upload_panel(limit_mb: float) -> None:
 
 
 def receive_upload(files: list, is_zip: bool, limit_bytes: int) -> None:
-    """Validate and stage a new upload in a clean workspace; the message of a refusal is kept for the page."""
+    """Validate and stage a new upload in a clean workspace (a segmentation of the previous case is stopped); the
+    message of a refusal is kept for the page."""
+    stop_job()
     ws = workspace()
     ws.clear()
     for key in CASE_KEYS:
@@ -199,6 +221,8 @@ def read_study(root: Path) -> DicomUpload:
                             "app segments one case at a time. Fix: zip one patient's study.")
     ((case_id, series),) = studies
     return DicomUpload(root, case_id, series, notes, propose(series))
+
+
 
 
 def model_panel(cfg: Settings) -> str | Path | None:
@@ -266,8 +290,11 @@ def sequence_table(rows: list[Row], headers: list[tuple[str, float]]) -> dict[Ha
 @st.cache_resource(max_entries=8, show_spinner="Loading the model")
 def cached_segmenter(model: str | None, tta: bool, raw: RawOptions | None, dicom_seg: bool) -> Segmenter:
     """One Segmenter per model choice and options, shared across reruns and sessions, so a model is loaded once
-    (and again only when its file changes, e.g. a new upload under the same name)."""
-    return Segmenter(model, InferenceConfig(tta=tta), OUTPUT_LABELS, dicom_seg=dicom_seg, raw=raw)
+    (and again only when its file changes, e.g. a new upload under the same name). It also writes the
+    uncertainty map (no extra model pass), which the viewer overlays and the downloads offer; not for raw scans,
+    whose map would lie on the 1 mm working grid rather than the labels' (the CLI refuses it there too)."""
+    return Segmenter(model, InferenceConfig(tta=tta, uncertainty=raw is None), OUTPUT_LABELS, dicom_seg=dicom_seg,
+                     raw=raw)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -309,42 +336,6 @@ def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | 
     return plan, None
 
 
-class Progress:
-    """The progress bar of one run: the stage the segmenter reported last and the elapsed time, redrawn by the
-    page's thread while the segmenter works in another (Streamlit elements may only be drawn by the page's)."""
-
-    def __init__(self, raw: bool) -> None:
-        self.stage, self.starts = "starting", STARTS[raw]
-        self.start = time.monotonic()
-        self.bar = st.progress(0.0)
-        self.draw()
-
-    def draw(self) -> None:
-        self.bar.progress(self.starts[self.stage], text=f"{STAGES[self.stage]} - {time.monotonic() - self.start:.0f} s")
-
-
-def segment_in_background(segmenter: Segmenter, case: Case, out: Path, progress: Progress) -> SegmentResult:
-    """Run the segmentation in a worker thread and redraw ``progress`` twice a second until it ends; its error,
-    if any, is raised here."""
-    outcome: dict = {}
-
-    def work() -> None:
-        try:
-            outcome["result"] = segmenter.segment_case(case, out, overwrite=True,
-                                                       on_stage=lambda name: setattr(progress, "stage", name))
-        except BaseException as exc:  # re-raised on the page's thread, where Streamlit shows it
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=work, name="neuromap-segment", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        progress.draw()
-        worker.join(0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
 def upload_case(chosen: dict[str, Hashable], names: dict[Hashable, str]) -> Case:
     """The case the chosen files or series make (modality -> row key), as the CLI reads it: NIfTI files as a
     modality mapping, a DICOM study with its series chosen as ``--map`` chooses them."""
@@ -359,42 +350,70 @@ def upload_case(chosen: dict[str, Hashable], names: dict[Hashable, str]) -> Case
 
 def run_segmentation(case: Case, uploaded: dict[str, str], names: dict[str, str], model: str | Path | None,
                      tta: bool, raw: RawOptions | None) -> None:
-    """Segment the case the page made (``uploaded``: modality -> what the user uploaded; ``names``: file name in
-    the session folder -> uploaded name, for messages). The previous result goes first: after a failure nothing
-    stale stays on screen (its files are deleted), and the reason stays shown, unfolded and worded for the page."""
+    """Queue the segmentation of the case the page made (`neuromap.app_jobs`; ``uploaded``: modality -> what the
+    user uploaded; ``names``: file name in the session folder -> uploaded name, for messages); the page follows it
+    and `take_result` keeps how it ended. The previous result goes first: after a failure nothing stale stays on
+    screen (its files are deleted), and the reason stays shown, unfolded and worded for the page."""
     ws = workspace()
-    for key in ("result", "run_error"):
+    for key in ("result", "run_error", "done_text"):
         st.session_state.pop(key, None)
     ws.clear("out", "view")
-    dicom = case.naming == "dicom"
-    progress = Progress(raw is not None)
+
+    def reword(text: str) -> str:
+        return web_message(text, ws.root, names)
+
     try:
-        segmenter = cached_segmenter(None if model is None else str(model), tta, raw, dicom)
-        result = segment_in_background(segmenter, case, ws.sub("out"), progress)
-        inputs = viewer_sequences(case, result, raw is not None)
+        segmenter = cached_segmenter(None if model is None else str(model), tta, raw, case.naming == "dicom")
     except NeuroMapError as exc:
-        progress.bar.empty()
-        st.session_state.run_error = web_message(str(exc), ws.root, names)
+        st.session_state.run_error = reword(str(exc))
         return
-    progress.bar.progress(1.0, text=f"Done: {result.case_id} in {time.monotonic() - progress.start:.0f} s")
-    report = web_report(result, uploaded, lambda text: web_message(text, ws.root, names))
+    out, view = ws.sub("out"), ws.sub("view")
+
+    def work(on_stage: Callable[[str], None]) -> tuple[SegmentResult, dict, dict[str, Path]]:
+        """In a worker thread of the queue: segment the case, rewrite its report for the web, find the viewer's
+        sequences."""
+        try:
+            result = segmenter.segment_case(case, out, overwrite=True, on_stage=on_stage)
+            return result, web_report(result, uploaded, reword), viewer_sequences(case, result, raw is not None, view)
+        except NeuroMapError as exc:
+            raise NeuroMapError(reword(str(exc))) from None
+
+    submit(work)
+    st.session_state.job_raw = raw is not None  # which progress stages it reports
+    st.rerun()  # the page with Segment disabled, following the job
+
+
+def take_result(job: Job) -> None:
+    """Keep the outcome of this session's ended job: its result, or the reason it failed (an error that is not a
+    `NeuroMapError` is raised here, on the page's thread, where Streamlit shows it). A cancelled job leaves
+    nothing: whoever cancelled it has moved on."""
+    if job.state == CANCELLED:
+        return
+    if isinstance(job.error, NeuroMapError):
+        st.session_state.run_error = str(job.error)
+        return
+    if job.error is not None:
+        raise job.error
+    result, report, inputs = job.result
     st.session_state.result = {"run": st.session_state.get("runs", 0) + 1, "case_id": result.case_id,
                                "report": report, "files": dict(result.files),
                                "labels_output": str(result.labels_output),
                                "inputs": {m: str(path) for m, path in inputs.items()}}
     st.session_state.runs = st.session_state.result["run"]
+    waited = f" after {job.started - job.submitted:.0f} s in the queue" if job.started - job.submitted >= 1 else ""
+    st.session_state.done_text = f"Done: {result.case_id} in {job.ended - job.started:.0f} s{waited}"
     st.session_state.scroll_to_result = True
 
 
-def viewer_sequences(case: Case, result: SegmentResult, raw: bool) -> dict[str, Path]:
+def viewer_sequences(case: Case, result: SegmentResult, raw: bool, folder: Path) -> dict[str, Path]:
     """The NIfTI files the viewer shows under the labels, each where the labels are: raw scans' co-registered
     sequences (the 1 mm, skull-stripped volumes the model read; the uploaded ones are not aligned with each other),
-    a DICOM study's series converted to NIfTI, or the uploaded files."""
+    a DICOM study's series converted to NIfTI in ``folder``, or the uploaded files."""
     modalities = list(result.report["inputs"])
     if raw:
         return {m: result.files[prepared_key(m)] for m in modalities}
     if case.naming == "dicom":
-        return sequences_as_nifti(case, modalities, workspace().sub("view"))
+        return sequences_as_nifti(case, modalities, folder)
     return {m: Path(p) for m, p in result.report["inputs"].items()}
 
 
@@ -451,9 +470,15 @@ def case_panel(staged: list[StagedFile] | None, study: DicomUpload | None, model
         st.markdown(plan)
     if blocked:
         st.warning(blocked, icon=":material/block:")
-    if st.button("Segment", type="primary", disabled=bool(blocked), icon=":material/play_arrow:", help=blocked):
+    if st.button("Segment", type="primary", disabled=bool(blocked) or job_busy(), icon=":material/play_arrow:",
+                 help=blocked) and not job_busy():
         uploaded = {m: labels[key] for m, key in chosen.items()}
         run_segmentation(case, uploaded, names, model, tta, raw)
+    if job := follow_job(STAGES[st.session_state.get("job_raw", False)]):  # waits while the job is queued or running
+        take_result(job)
+        st.rerun()  # the page as it is now: Segment enabled again, the result below
+    if st.session_state.get("done_text"):
+        st.progress(1.0, text=st.session_state.done_text)
     if st.session_state.get("run_error"):
         st.error(f"Segmentation failed: {st.session_state.run_error}", icon=":material/error:")
 
@@ -490,6 +515,7 @@ def volumes_panel(result: dict) -> None:
     """Volumes of the model's task, warnings and model facts."""
     report, task = result["report"], result_task(result)
     volumes = report["volumes_ml"]
+    quality_panel(report["quality"])
     st.subheader("Volumes")
     st.table({"Region": [s.name for s in task.structures],
               "Volume (mL)": [f"{volumes[s.key]:.2f}" for s in task.structures],
@@ -510,6 +536,8 @@ def downloads_panel(result: dict) -> None:
     kinds = [(result["labels_output"], "Label map (NIfTI, input grid)", "application/gzip"),
              (files["report.json"], "Report (JSON)", "application/json"),
              (files["overlay.png"], "Overlay (PNG)", "image/png")]
+    if UNCERTAINTY in files:
+        kinds.append((files[UNCERTAINTY], "Uncertainty map (NIfTI, input grid, 0-255)", "application/gzip"))
     if DICOM_SEG in files:
         dicom = report["dicom"]
         reference = next(s for s in dicom["series_used"].values() if s["uid"] == dicom["reference_series"])
@@ -534,6 +562,23 @@ def scroll_to(anchor: str) -> None:
               "?.scrollIntoView({behavior: 'smooth', block: 'start'});</script>", height=1)
 
 
+def quality_panel(quality: dict) -> None:
+    """The case's quality estimate (`neuromap.quality`): the score, the flag and why, and where the score comes
+    from, so a user knows which results to check first."""
+    st.subheader("Quality estimate")
+    score = "not available" if quality["score"] is None else f"{quality['score']:.2f}"
+    text = f"Estimated mean Dice {score}: **{'OK' if quality['flag'] == 'ok' else 'review this result'}**"
+    if quality["flag"] == "ok":
+        st.success(text, icon=":material/check_circle:")
+    else:
+        st.warning(text + "\n\n" + "\n".join(f"- {reason}" for reason in quality["reasons"]),
+                   icon=":material/flag:")
+    calibration = quality.get("calibration")
+    if calibration:
+        st.caption(f"An estimate, not a measurement: fitted on {calibration['fitted_on']}; leave-one-out Spearman "
+                   f"correlation with true Dice {calibration['loo_spearman']:.2f} (n = {calibration['n']}).")
+
+
 # ---------------------------------------------------------------------------------------------------- page
 
 
@@ -547,9 +592,11 @@ def main() -> None:
                icon=":material/warning:")
     try:
         cfg = settings()
+        queue_workers()
     except NeuroMapError as exc:
         st.error(str(exc))
         return
+    workspace()  # first: a session whose folder went with a dropped connection forgets its case and job
     with st.sidebar:
         st.header("1. Upload a case")
         upload_panel(cfg.max_upload_mb)

@@ -4,9 +4,9 @@ ship inside the package (``neuromap/viewer_web``), so the page works offline and
 It shows every uploaded sequence and the label map in their own grid with linked axial/coronal/sagittal views and
 a crosshair (click to move it), zoom and pan, window/level (numbers or right-drag), per-label colour and
 visibility and the label opacity, the radiological convention by default with a toggle, orientation letters on all
-four sides, the crosshair's slice numbers and positions in mm, and a 3D render of the tumour labels. Why a custom
-component rather than ``niivue-streamlit``: see ``viewer_web/viewer.js``. What is shown is decided by
-`neuromap.viewer`, shared with the notebook viewer.
+four sides, the crosshair's slice numbers and positions in mm, a 3D render of the tumour labels, and the
+result's uncertainty map as an overlay to switch on. Why a custom component rather than ``niivue-streamlit``: see
+``viewer_web/viewer.js``. What is shown is decided by `neuromap.viewer`, shared with the notebook viewer.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import streamlit.components.v1 as components
 
+from neuromap.io.layout import UNCERTAINTY
 from neuromap.tasks import Task, get_task
 from neuromap.viewer import ViewerScene, viewer_scene
 
 WEB_DIR = Path(__file__).with_name("viewer_web")
-# An extra overlay a result may carry (e.g. a per-voxel uncertainty map, when the model writes one): the file
-# under this key in the result's files is offered as a toggle in the viewer.
-EXTRA_OVERLAY_KEY = "uncertainty.nii.gz"
-EXTRA_OVERLAY_NAME = "Uncertainty"
+# The extra overlay a result may carry, the per-voxel uncertainty map (`neuromap.uncertainty`, which the app's
+# Segmenter writes): offered as a toggle in the viewer when the result's files have it.
+EXTRA_OVERLAY_KEY = UNCERTAINTY
+EXTRA_OVERLAY_NAME = "Uncertainty (entropy)"
 DEFAULT_OPACITY = 0.45
 
 _component = components.declare_component("neuromap_viewer", path=str(WEB_DIR))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from neuromap.errors import NeuroMapError
-from neuromap.options import FOLD, PORT, SLICE, THREADS, UPLOAD_MB, VOXEL_SIZE
+from neuromap.options import DEFAULT_APP_WORKERS, FOLD, PORT, SLICE, THREADS, UPLOAD_MB, VOXEL_SIZE, WORKERS
 
 EXIT_USER_ERROR = 2
 
@@ -170,10 +170,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from neuromap.cohort import Part
     from neuromap.config import InferenceConfig, parse_config
     from neuromap.io import cases_from_inputs
+    from neuromap.quality import quality_text
     from neuromap.segmenter import Segmenter
 
     options = {"tta": args.tta, "device": args.device, "threads": args.threads, "workers": args.workers,
-               "engine": args.engine,
+               "engine": args.engine, "uncertainty": args.uncertainty, "probabilities": args.probabilities,
                "picture_convention": "neurological" if args.neurological else None}
     cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
                        source="neuromap segment options")
@@ -187,8 +188,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if r.skipped:
                 tqdm.write(f"{r.case_id}: outputs complete, skipped (--continue) -> {r.labels_output}")
                 continue
-            lines = [f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s) "
-                     f"-> {r.labels_output}", *(f"  warning: {w}" for w in r.report["warnings"])]
+            lines = [f"{r.case_id}: {_volumes_text(r.report)} ({r.report['timings_s']['total_s']:.1f} s); "
+                     f"{quality_text(r.report['quality'])} -> {r.labels_output}",
+                     *(f"  review: {reason}" for reason in r.report["quality"]["reasons"]),
+                     *(f"  warning: {w}" for w in r.report["warnings"])]
             tqdm.write("\n".join(lines))
     if part is not None:
         print(f"part {part.part_id} of {part.num_parts}: summary {part.summary_file(Path(args.output_dir))}")
@@ -277,7 +280,8 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise NeuroMapError("the web app needs Streamlit. Fix: pip install 'neuromap[app]'.")
-    env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb)}
+    env = {**os.environ, "NEUROMAP_APP_MAX_UPLOAD_MB": str(args.max_upload_mb),
+           "NEUROMAP_APP_WORKERS": str(args.workers)}
     if args.model:
         if not is_model(args.model):
             raise NeuroMapError(f"--model {args.model}: not a shipped model name nor a checkpoint file.")
@@ -369,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     raw.add_argument("--save-prepared", action="store_true", help="also write <case>_<mod>_prepared.nii.gz "
                      "(co-registered, 1 mm)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by flips")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <case>_uncertainty.nii.gz (input grid): per-voxel entropy of the probabilities, "
+                   "uint8 = round(255 x), the measure named in the report")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz (input grid, 4D): each region's (or tumour class's) "
+                   "probability, uint8 = round(255 p)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--labels", choices=["brats", "internal", "brats2023", "msd"], default="brats",
                    help="output labels: brats = 1,2,4 (default); internal = 1,2,3")
@@ -423,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=PORT, default=8501)
     p.add_argument("--max-upload-mb", type=UPLOAD_MB, default=300, help="upload limit per case in MB (default 300)")
     p.add_argument("--model", help="also offer this checkpoint path (or shipped model name) in the model list")
+    p.add_argument("--workers", type=WORKERS, default=DEFAULT_APP_WORKERS,
+                   help="segmentations run at a time, for all users together; the others wait in a queue and their "
+                        f"pages show their place (default {DEFAULT_APP_WORKERS}: one case in memory at a time)")
     p.set_defaults(func=cmd_app)
     return parser
 

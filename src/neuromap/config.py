@@ -315,3 +315,6 @@ class InferenceConfig(Strict):
     picture_convention: Literal["radiological", "neurological"] = Field(
         "radiological", description="overlay PNG left-right: radiological puts the patient's right on the left"
     )
+    uncertainty: bool = Field(False, description="also write <case>_uncertainty.nii.gz (`neuromap.uncertainty`)")
+    probabilities: bool = Field(False, description="also write <case>_probabilities.nii.gz, one channel per "
+                                "region or tumour class, uint8 = round(255 p)")

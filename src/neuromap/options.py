@@ -1,7 +1,7 @@
 """Argparse types for the command line's numbers, made from the ranges the typed config declares
 (`neuromap.config`: ``VoxelSize``, ``Threads``, ...), so each range is written once and a bad number is refused by
 argparse itself: exit 2 with ``argument --spacing: ...``, before any file is read. Numbers that belong to no config
-(the web app's port and upload limit) declare their ranges here.
+(the web app's port, upload limit and workers) declare their ranges here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from neuromap.config import FoldIndex, SliceIndex, Threads, VoxelSize
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 UploadMB = Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False, description="per case, in MB")]
+AppWorkers = Annotated[int, Field(ge=1, le=64, description="segmentations the web app runs at a time")]
+DEFAULT_APP_WORKERS = 1  # one case in memory and in the model at a time; the other sessions wait in the queue
 
 
 def ranged(annotation: Any, name: str) -> Callable[[str], Any]:
@@ -39,3 +41,4 @@ THREADS = ranged(Threads, "thread count")
 FOLD = ranged(FoldIndex, "fold")
 PORT = ranged(Port, "port")
 UPLOAD_MB = ranged(UploadMB, "size in MB")
+WORKERS = ranged(AppWorkers, "worker count")

@@ -4,7 +4,8 @@ it the same way, so no option is decided in two places.
 
 One path per case, in two stages: reading (model choice, output checks, load validated by the case's layout,
 prepare) and the rest (model(s) -> probabilities -> labels in the input grid (`neuromap.export`) -> postprocess
-(`neuromap.postprocess`) -> the layout's output grid -> report -> outputs written by the layout, staged under
+(`neuromap.postprocess`) -> the layout's output grid -> quality estimate (`neuromap.quality`) and requested
+uncertainty/probability maps (`neuromap.uncertainty`) -> report -> outputs written by the layout, staged under
 temporary names and renamed together). In a batch, background threads read the next cases while the current one
 is in the model (``cfg.workers``; like nnU-Net's preprocessing iterator), so decompressing, validating and
 preparing a case costs no wall time once the model stage is the longer one.
@@ -21,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -42,8 +44,10 @@ from neuromap.labels import WRITABLE
 from neuromap.postprocess import postprocess
 from neuromap.prepare_raw import RawOptions, as_raw
 from neuromap.preprocess import Prepared, prepare
+from neuromap.quality import assess, quality_text
 from neuromap.report import case_report
 from neuromap.tasks import task_of
+from neuromap.uncertainty import map_images, report_entries, requested_maps
 from neuromap.zoo import resolve_model_paths, shipped_models
 
 ModelChoice = str | Path | list[str | Path] | None
@@ -57,6 +61,7 @@ class SegmentResult:
     report: dict
     files: dict[str, Path] = field(default_factory=dict)  # label output, "report.json", "overlay.png"
     labels_output: Path | None = None  # the written labels: a NIfTI file, or a folder of per-slice masks
+    maps: dict[str, nib.Nifti1Image] = field(default_factory=dict)  # requested uncertainty/probability maps
     skipped: bool = False  # resume: its outputs were complete, so it was not segmented again (report read back)
 
     def show(self, radiological: bool = True, height: int = 480):
@@ -110,7 +115,7 @@ class Segmenter:
             raise NeuroMapError(f"labels cannot be written as '{labels}'; choose one of {list(WRITABLE)}.")
         self.cfg = cfg or InferenceConfig()
         self.labels = labels
-        self.optional = (DICOM_SEG,) if dicom_seg else ()
+        self.optional = ((DICOM_SEG,) if dicom_seg else ()) + requested_maps(self.cfg)
         raw = RawOptions() if raw is True else raw or None
         self.raw = dataclasses.replace(raw, threads=raw.threads or self.cfg.threads) if raw else None
         if self.cfg.threads:
@@ -192,7 +197,7 @@ class Segmenter:
             for read in self._reads(todo, output_dir, overwrite or resume):
                 bar.set_postfix_str(read.case.case_id, refresh=False)
                 result = self._finish(read, overwrite or resume)
-                results.append(dataclasses.replace(result, labels=None))  # for the summary: reports, not labels
+                results.append(dataclasses.replace(result, labels=None, maps={}))  # the summary: reports only
                 yield result
                 bar.update()
         if summary is not None:
@@ -276,10 +281,16 @@ class Segmenter:
         t0 = time.perf_counter()
         case, model_files, models = self._as_segmented(case, stage)
         spec, layout = models[0][1], case.layout
-        if set(self.optional) - set(layout.optional_outputs):
+        if DICOM_SEG in self.optional and DICOM_SEG not in layout.optional_outputs:
             raise NeuroMapError(
                 f"case '{case.case_id}' ({case.root}): --dicom-seg needs a DICOM input (a DICOM SEG must reference "
                 "the source images). Fix: segment the DICOM study, or leave out --dicom-seg."
+            )
+        if set(self.optional) - set(layout.optional_outputs):
+            raise NeuroMapError(
+                f"case '{case.case_id}' ({case.root}): --uncertainty and --probabilities are not available for "
+                f"{layout.name} inputs (they write NIfTI maps on the grid the case was read on). Fix: leave them "
+                "out for this case."
             )
         files: dict[str, Path] = {}
         if output_dir is not None:
@@ -321,14 +332,22 @@ class Segmenter:
         if not internal.any():
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device)
+        quality = assess(read.prepared, probs, single_pass, cfg.tta, internal, output_volume, spec, task)
+        maps = map_images(probs, inverse, task, volume.reference, requested_maps(cfg))
+        timings["quality_s"] = time.perf_counter() - t1
         report = case_report(output_volume, spec, task, read.model_files, cfg, convention, internal, warnings,
-                             str(self.device), engine_name(models[0][0]), layout.report_extra(prediction))
-        result = SegmentResult(case.case_id, prediction.labels, report)
+                             str(self.device), engine_name(models[0][0]),
+                             {**layout.report_extra(prediction), **report_entries(task, tuple(maps)),
+                              "quality": quality})
+        result = SegmentResult(case.case_id, prediction.labels, report, maps=maps)
         if files:
             t1 = time.perf_counter()
             shown = "flair" if "flair" in volume.modalities else volume.modalities[0]
             png, picture_notes = layout.picture(prediction, volume.image[volume.modalities.index(shown)],
-                                                f"{case.case_id} ({shown}) - {spec.model.name}",
+                                                f"{case.case_id} ({shown}) - {spec.model.name} - "
+                                                f"{quality_text(quality)}",
                                                 cfg.picture_convention == "radiological")
             warnings += picture_notes
             timings["overlay_s"] = time.perf_counter() - t1
@@ -337,6 +356,8 @@ class Segmenter:
             report["timings_s"]["total_s"] = round(time.perf_counter() - read.started, 3)
             with contextlib.ExitStack() as stack:
                 layout.stage_labels(prediction, files, stack, overwrite)
+                for key, image in maps.items():
+                    nib.save(image, stack.enter_context(atomic_path(files[key], overwrite)))
                 stack.enter_context(atomic_path(files["overlay.png"], overwrite)).write_bytes(png)
                 report_file = stack.enter_context(atomic_path(files["report.json"], overwrite))
                 report_file.write_text(json.dumps(report, indent=2))

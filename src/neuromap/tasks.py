@@ -1,6 +1,7 @@
 """What a model predicts, in one object per task (like nnU-Net's LabelManager): output channels, activation,
-probabilities to labels, the label convention written, legend and colours, the volumes a report shows, the
-postprocessing steps, how label files are read for scoring and which metrics score them.
+probabilities to labels, per-voxel uncertainty and the probabilities users get, the label convention written, legend
+and colours, the volumes a report shows, the postprocessing steps, how label files are read for scoring and which
+metrics score them.
 
 Tasks: "brats" (internal labels 1 NCR/NET, 2 ED, 3 ET; model output as 4 classes, or as the 3 nested regions
 WT, TC, ET) and "binary" (one foreground label, 1 = abnormality: LGG FLAIR abnormality, BraTS whole tumour).
@@ -65,6 +66,31 @@ class Task:
 
         return torch.as_tensor(probs).argmax(0).to(torch.uint8).cpu().numpy()
 
+    def uncertainty(self, probs: np.ndarray) -> np.ndarray:
+        """Per-voxel uncertainty in [0, 1] from probabilities (K, ...), as `uncertainty_measure` names it: region
+        outputs are independent sigmoids, so each has its own binary entropy; class outputs share one softmax."""
+        from neuromap.uncertainty import max_binary_entropy, normalised_entropy
+
+        return max_binary_entropy(probs) if self.out == "regions" else normalised_entropy(probs)
+
+    @property
+    def uncertainty_measure(self) -> str:
+        if self.out == "regions":
+            return (f"binary entropy in bits of each region's probability ({', '.join(self.probability_names)}), "
+                    "the maximum over regions; 0 = certain, 1 = probability 0.5")
+        return "entropy of the class probabilities divided by log(number of classes); 0 = certain, 1 = uniform"
+
+    @property
+    def probability_names(self) -> tuple[str, ...]:
+        """What each channel of `foreground_probabilities` is the probability of."""
+        raise NotImplementedError
+
+    def foreground_probabilities(self, probs: np.ndarray) -> np.ndarray:
+        """The probabilities a user asks for (``--probabilities``): every region, or every class but background.
+        Background is left out because it is 1 minus the others, and because then every channel written is 0
+        outside the brain crop, where the model was not run (`neuromap.uncertainty`)."""
+        return probs if self.out == "regions" else probs[1:]
+
     def validation_dice(self, labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         """The cheap per-region Dice that training validation logs (prepared space, no HD95)."""
         from neuromap.metrics import dice_per_region  # metrics loads MONAI: only when validating
@@ -121,6 +147,10 @@ class BratsTask(Task):
     def out_channels(self) -> int:
         return 3 if self.out == "regions" else 4
 
+    @property
+    def probability_names(self) -> tuple[str, ...]:
+        return tuple(REGIONS) if self.out == "regions" else tuple(CLASS_KEYS.values())
+
     def labels(self, probs: torch.Tensor | np.ndarray) -> np.ndarray:
         """Argmax for class outputs; nested thresholds WT ⊇ TC ⊇ ET for region outputs."""
         import torch
@@ -171,6 +201,10 @@ class BinaryTask(Task):
 
     def out_channels(self) -> int:
         return 2
+
+    @property
+    def probability_names(self) -> tuple[str, ...]:
+        return ("abnormality",)
 
     def output_convention(self, requested: str) -> str:
         return "binary"

@@ -11,6 +11,7 @@ and when the session object goes away.
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import stat
 import struct
@@ -48,14 +49,15 @@ class StagedFile:
 class Workspace:
     """One browser session's private temp folder; the app writes nothing anywhere else.
 
-    Cleanup is layered so no path leaks: `clear` on a new upload or 'Start over'; `weakref.finalize` deletes the
-    folder when the object is garbage-collected, which happens when Streamlit drops a closed tab's session state
-    (it keeps it about two minutes for reconnects, then forgets it the next time its session store is used); and
-    finalize's own atexit hook deletes what is left when the server exits normally (Ctrl+C, SIGTERM).
+    Cleanup is layered so no path leaks: `clear` on a new upload or 'Start over'; `cleanup` when the browser session
+    ends (`neuromap.app_jobs`: Streamlit's session-end hook, after the session's running segmentation, if any, has
+    stopped); `weakref.finalize` when the object is garbage-collected; and finalize's own atexit hook deletes what
+    is left when the server exits normally (Ctrl+C, SIGTERM).
     """
 
     def __init__(self, parent: str | Path | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="neuromap-app-", dir=parent))
+        # mkdtemp: mode 0700 (no other local user can read it); the 128-bit token makes the path unguessable too
+        self.root = Path(tempfile.mkdtemp(prefix=f"neuromap-app-{secrets.token_hex(16)}-", dir=parent))
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
 
     def sub(self, name: str) -> Path:

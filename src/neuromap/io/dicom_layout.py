@@ -31,7 +31,7 @@ from neuromap.io.dicom import (
 )
 from neuromap.io.dicom_map import StudyChoice, map_study
 from neuromap.io.dicom_seg import write_dicom_seg
-from neuromap.io.layout import LabelFile, Prediction
+from neuromap.io.layout import MAP_OUTPUTS, LabelFile, Prediction
 from neuromap.io.nifti import NiftiLayout
 from neuromap.io.plausibility import check_sequences
 
@@ -42,7 +42,7 @@ class DicomLayout(NiftiLayout):
     name = "dicom"
     description = "DICOM studies"
     scored_as = ()
-    optional_outputs = (DICOM_SEG,)
+    optional_outputs = (*MAP_OUTPUTS, DICOM_SEG)
 
     # ------------------------------------------------------------------------------------- discovery
 
@@ -137,9 +137,6 @@ class DicomLayout(NiftiLayout):
 
     # ------------------------------------------------------------------------------------- outputs
 
-    def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
-        files = super().output_files(case, out)
-        return {**files, DICOM_SEG: out / f"{case.case_id}_{DICOM_SEG}"} if DICOM_SEG in optional else files
 
     def report_extra(self, prediction: Prediction) -> dict:
         choice = prediction.case.study

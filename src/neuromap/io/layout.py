@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from neuromap.tasks import Task
 
 
+# Optional per-voxel maps in the input grid (`neuromap.uncertainty`), written by layouts whose outputs are NIfTI
+# on the input's grid; output keys as `Layout.output_files` names them.
+UNCERTAINTY = "uncertainty.nii.gz"
+PROBABILITIES = "probabilities.nii.gz"
+MAP_OUTPUTS = (UNCERTAINTY, PROBABILITIES)
+
+
 @dataclass(frozen=True)
 class LabelFile:
     """A label map of one case found for evaluation: a NIfTI file or a slice folder, read by its ``layout``.
@@ -78,7 +85,8 @@ class Layout:
     label_key: str
     spacing_known: bool = True
     scores_slices: bool = False  # evaluation also scores each slice in 2D (slice stacks)
-    optional_outputs: tuple[str, ...] = ()  # outputs written only on request (DICOM: "seg.dcm", a DICOM SEG)
+    # outputs written only on request: the MAP_OUTPUTS (NIfTI and DICOM), "seg.dcm" (DICOM SEG, DICOM only)
+    optional_outputs: tuple[str, ...] = ()
 
     # ---- discovery and loading
     def claims(self, folder: Path) -> bool:

@@ -41,6 +41,7 @@ from neuromap.io.lgg_files import (
     read_tif,
     write_masks,
 )
+from neuromap.io.plausibility import check_sequence
 from neuromap.labels import as_integral
 from neuromap.pictures import montage_png
 
@@ -184,15 +185,22 @@ class LggSliceLayout(Layout):
             raise NeuroMapError("\n".join(problems))
 
         stack = np.stack(arrays, axis=-1)  # (rows, cols, 3, N) uint8
-        empty = [m for m in modalities if not stack[:, :, CHANNELS[m]].any()]
-        if empty:
-            raise NeuroMapError(f"case '{case.case_id}' ({case.root}): the {empty} channel is all zero in every slice.")
+        warnings = self._warnings(stack, modalities)
+        # Each channel alone is judged by the rules every loader uses (empty, constant, a mask saved as a slice,
+        # saturated); not pairwise, since FLAIR copies standing in for a missing sequence are the dataset's own
+        # convention and `_warnings` names them.
+        for m in modalities:
+            findings = check_sequence(stack[:, :, CHANNELS[m]], m, f"case '{case.case_id}' ({case.root}), {m} channel")
+            problems += findings.problems
+            warnings += findings.warnings
+        if problems:
+            raise NeuroMapError("\n".join(problems))
         image = stack[:, :, [CHANNELS[m] for m in modalities]].transpose(2, 0, 1, 3).astype(np.float32)
         # A zero-strided view gives the reference its shape without allocating a volume nobody reads.
         reference = nib.Nifti1Image(np.broadcast_to(np.uint8(0), stack.shape[:2] + stack.shape[3:]), np.eye(4))
         reference.header["descrip"] = b"LGG kaggle_3m slices: spacing unknown, units are voxels"
         return Volume(case=case, image=image, modalities=modalities, reference=reference, seg=seg,
-                      spacing_known=False, warnings=self._warnings(stack, modalities))
+                      spacing_known=False, warnings=warnings)
 
     @staticmethod
     def _warnings(stack: np.ndarray, modalities: list[str]) -> list[str]:

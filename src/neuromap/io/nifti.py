@@ -34,7 +34,7 @@ from neuromap.io.case import (
     visible_files,
 )
 from neuromap.io.header_checks import grid_difference
-from neuromap.io.layout import LabelFile, LabelPair, Layout, Prediction
+from neuromap.io.layout import MAP_OUTPUTS, LabelFile, LabelPair, Layout, Prediction
 from neuromap.io.nifti_files import AFFINE_TOLERANCE, open_nifti, read_nifti, spatial_shape
 from neuromap.io.plausibility import check_distinct_files, check_sequences
 from neuromap.labels import guess_convention, to_internal
@@ -69,6 +69,7 @@ class NiftiLayout(Layout):
     task = "brats"
     scored_as = ("brats", "binary")
     label_key = "seg.nii.gz"
+    optional_outputs = MAP_OUTPUTS
 
     # ------------------------------------------------------------------------------------- discovery
 
@@ -252,7 +253,8 @@ class NiftiLayout(Layout):
     # ------------------------------------------------------------------------------------- outputs
 
     def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
-        return {k: out / f"{case.case_id}_{k}" for k in (self.label_key, "report.json", "overlay.png")}
+        keys = (self.label_key, "report.json", "overlay.png", *(k for k in self.optional_outputs if k in optional))
+        return {k: out / f"{case.case_id}_{k}" for k in keys}
 
     def planned_writes(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> list[Path]:
         return list(self.output_files(case, out, optional).values())

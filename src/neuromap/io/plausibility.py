@@ -13,8 +13,8 @@ a raw clinical study: 92 sequences; `scripts/plausibility_survey.py`, `docs/expe
   float32 normalisation squares deviations and sums ~10^7 of them, which overflows beyond ~5e15); more than
   ``NEGATIVE_SHARE`` negative voxels is warned about (already normalised data?).
 - inside the brain the coefficient of variation is 0.14-0.60 (1.3 with skull); below ``LOW_CONTRAST`` is warned
-  about. The most common nonzero value fills at most 8% of the nonzero voxels; above ``DOMINANT_SHARE`` is warned
-  about (saturated or clipped).
+  about. The most common value fills at most 8% of the voxels with signal (above ``SIGNAL_LEVEL`` of the 99th
+  percentile); above ``DOMINANT_SHARE`` is warned about (saturated or clipped).
 - two different sequences of one patient correlate at most 0.88 inside the brain. Identical voxel data, or a
   correlation of ``COPY_CORRELATION`` or more (a rescaled copy), is refused; from ``SIMILAR_CORRELATION`` it is
   warned about.
@@ -117,8 +117,7 @@ def _check_one(data: np.ndarray, modality: str, source: str, findings: Findings)
         )
         return False
     sample = _sample(values)
-    levels, counts = np.unique(sample, return_counts=True)
-    distinct = levels.size
+    distinct = np.unique(sample).size
     if distinct <= MAX_LABEL_LEVELS:
         every = np.unique(values)  # the sample may miss a rare value: decide on every voxel
         if every.size <= MAX_LABEL_LEVELS:
@@ -136,10 +135,14 @@ def _check_one(data: np.ndarray, modality: str, source: str, findings: Findings)
     if contrast < LOW_CONTRAST:
         findings.warnings.append(f"{source}: almost no contrast (intensities vary by {contrast:.1%} of their mean; "
                                  "real brains 14-60%).")
-    dominant = float(counts.max() / sample.size)
+    # Judged on signal voxels only: 8-bit slices with skull (LGG) keep their air as a few low noise values, which
+    # fill a quarter of the nonzero pixels without anything being clipped.
+    signal = sample[np.abs(sample) > SIGNAL_LEVEL * np.percentile(np.abs(sample), 99)]
+    levels, counts = np.unique(signal, return_counts=True)
+    dominant = float(counts.max() / signal.size) if signal.size else 0.0
     if dominant > DOMINANT_SHARE:
         findings.warnings.append(f"{source}: one value ({levels[counts.argmax()]:g}) fills {dominant:.0%} of the "
-                                 "nonzero voxels (real scans: at most 8%); saturated or clipped?")
+                                 "voxels with signal (real scans: at most 8%); saturated or clipped?")
     return True
 
 

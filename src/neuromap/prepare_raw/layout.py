@@ -22,10 +22,10 @@ import nibabel as nib
 import numpy as np
 
 from neuromap.errors import NeuroMapError
-from neuromap.export import label_image
+from neuromap.export import uint8_image
 from neuromap.io.atomic import atomic_path
 from neuromap.io.case import Case, Volume
-from neuromap.io.layout import Layout, Prediction
+from neuromap.io.layout import MAP_OUTPUTS, Layout, Prediction
 from neuromap.prepare_raw.inputs import read_sequences
 from neuromap.prepare_raw.pipeline import RawOptions, RawPreparation, RawVolume, prepare_raw
 
@@ -57,7 +57,8 @@ class RawLayout(Layout):
         self.scored_as = ()
         self.label_key = base.label_key
         self.spacing_known = base.spacing_known
-        self.optional_outputs = base.optional_outputs
+        # Not the uncertainty/probability maps: they are computed on the 1 mm working grid, not the reference's own
+        self.optional_outputs = tuple(k for k in base.optional_outputs if k not in MAP_OUTPUTS)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -100,7 +101,7 @@ class RawLayout(Layout):
         self.base.stage_labels(prediction, files, stack, overwrite)
         prep = _preparation(prediction.volume)
         if BRAIN_MASK in files:
-            mask = label_image(prep.brain_mask_on_reference(), prep.reference_image)
+            mask = uint8_image(prep.brain_mask_on_reference(), prep.reference_image)
             nib.save(mask, str(stack.enter_context(atomic_path(files[BRAIN_MASK], overwrite))))
         for m, image in (prep.prepared_images().items() if self.options.save_prepared else ()):
             nib.save(image, str(stack.enter_context(atomic_path(files[prepared_key(m)], overwrite))))
