@@ -297,7 +297,7 @@ def test_queue_positions_shown_and_one_case_at_a_time(eight_sessions):
     for rank, user in enumerate(users):
         texts = shown[user.owner]
         if rank == 0:  # first: either still waiting for the idle worker to pick it up, or running
-            assert texts[0].startswith(("Waiting, 0 ahead", "Arranging the files")), texts[0]
+            assert texts[0].startswith(("Waiting, 0 ahead", "Reading the sequences")), texts[0]
         else:
             assert texts[0].startswith(f"Waiting, {rank} ahead (one segmentation runs at a time)"), texts[0]
         places = [int(m.group(1)) for text in texts if (m := WAITING.match(text))]
