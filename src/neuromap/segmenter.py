@@ -312,7 +312,8 @@ class Segmenter:
         task = task_of(spec)
         stage("model")
         t1 = time.perf_counter()
-        probs = predict_probs(models, read.prepared.image, cfg, device=self.device)
+        probs = predict_probs(models, read.prepared.image, cfg, device=self.device,
+                              spacing=read.prepared.spacing if volume.spacing_known else None)
         timings["inference_s"] = time.perf_counter() - t1
         stage("writing")
         t1 = time.perf_counter()
