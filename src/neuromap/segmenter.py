@@ -314,7 +314,8 @@ class Segmenter:
         task = task_of(spec)
         stage("model")
         t1 = time.perf_counter()
-        probs = predict_probs(models, read.prepared.image, cfg, device=self.device)
+        spacing = read.prepared.spacing if volume.spacing_known else None  # skip_slices measures in mm
+        probs = predict_probs(models, read.prepared.image, cfg, device=self.device, spacing=spacing)
         timings["inference_s"] = time.perf_counter() - t1
         stage("writing")
         t1 = time.perf_counter()
@@ -333,7 +334,8 @@ class Segmenter:
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device)
+        single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device,
+                              spacing=spacing)
         quality = assess(read.prepared, probs, single_pass, cfg.tta, internal, output_volume, spec, task)
         maps = map_images(probs, inverse, task, volume.reference, requested_maps(cfg))
         timings["quality_s"] = time.perf_counter() - t1
