@@ -105,6 +105,7 @@ def test_cv_command_trains_a_fold_and_scores_its_cases_out_of_fold(tmp_path, cap
     assert sorted(p.name for p in (run / "oof").glob("*_seg.nii.gz")) == sorted(f"{c}_seg.nii.gz" for c in held_out)
     table = (run / "oof_table.md").read_text()
     assert all(case in table for case in held_out) and "| **n** | | 4 |" in table
+    assert "hd95" not in table and "nan" not in table  # --no-hd95: no empty columns
     summary = json.loads((run / "oof_eval" / "summary.json").read_text())
     assert summary["n_cases"] == 4 and sorted(summary["cases"]) == sorted(held_out)
     # a finished fold is not trained again: the second call only re-scores

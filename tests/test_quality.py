@@ -80,6 +80,7 @@ def test_swapped_sequences_get_a_lower_score_and_review(unseen_segmented):
     assert any("sequences look swapped" in reason for reason in corrupt["reasons"])
     assert corrupt["signals"]["looks_like"] == {"t1": "t2", "t1ce": "flair", "t2": "t1", "flair": "t1ce"}
     assert not any("swapped" in reason for reason in clean["reasons"])
+    assert clean["signals"]["looks_like"] == {}
     assert corrupt["score"] is None or corrupt["score"] < clean["score"] - 0.05
 
 

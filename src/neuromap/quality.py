@@ -287,7 +287,9 @@ def assess(prepared: Prepared, probs: torch.Tensor, predict: Predictor, tta: boo
                             "(only recipes with a weights/quality_*.json are); check the result"]}
     intensity = calibration.reference["intensity"]
     signals["intensity_distance"] = intensity_distance(profile, intensity)
-    signals["swap_margin"], signals["looks_like"] = best_renaming(profile, intensity, spec.modalities)
+    signals["swap_margin"], renaming = best_renaming(profile, intensity, spec.modalities)
+    # Named only when the swap check fires: the best other naming of a normal case is noise, not a suspicion.
+    signals["looks_like"] = renaming if signals["swap_margin"] > calibration.reference["swap_margin_max"] else {}
     score = calibration.score(signals)
     reasons = review_reasons(signals, score, calibration.reference, calibration.flag_below)
     return {"score": None if score is None else round(score, 3), "flag": "review" if reasons else "ok",

@@ -97,9 +97,11 @@ def oof_table(metrics_csv: Path, fold_of: dict[str, int], task: str) -> str:
     """Markdown: one row per case (fold, Dice and HD95 per region), then mean, median, min and n per column."""
     structures = get_task(task).headline
     per_case = per_case_scores(metrics_csv, task)
-    columns = [f"dice_{s}" for s in structures] + [f"hd95_{s}" for s in structures]
+    columns = [f"dice_{s}" for s in structures]
     if len(structures) > 1:
-        columns.insert(len(structures), "dice_mean")
+        columns.append("dice_mean")
+    # HD95 columns only when the evaluation measured them (``--no-hd95`` leaves them empty, not "nan").
+    columns += [f"hd95_{s}" for s in structures if any(np.isfinite(v[f"hd95_{s}"]) for v in per_case.values())]
 
     def cell(column: str, value: float) -> str:
         return f"{value:.3f}" if column.startswith("dice") else f"{value:.1f}"
