@@ -32,6 +32,7 @@ bench: setup browser
 	$(PY) benchmarks/engines.py
 	$(PY) benchmarks/lgg_load.py
 	$(PY) benchmarks/app_load.py
+	$(PY) benchmarks/skip_slices.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -63,7 +63,10 @@ def held_out_predictions(run: Path, folds: list[int], data: Path) -> Iterator[tu
         for case_id in json.loads((run / f"fold_{fold}" / "split.json").read_text())["val"]:
             volume = load_case(cases[case_id], spec.modalities, with_seg=True)
             prepared = prepare(volume, spec.preprocess)
-            yield volume, prepared, predict_probs([(model, spec)], prepared.image, InferenceConfig()), spec
+            # Every slice: thresholds other than the default's 0.5 are scored here, and the skip decides which
+            # slices run at 0.5 (`neuromap.inference.near_tumour`).
+            probs = predict_probs([(model, spec)], prepared.image, InferenceConfig(skip_slices=False))
+            yield volume, prepared, probs, spec
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, spacing) -> float:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import streamlit.testing.v1.app_test as app_test_module
 import torch
+from conftest import SHARED_DATA, needs_real_data
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
@@ -25,20 +27,23 @@ from neuromap import cli
 from neuromap.checkpoint import ModelSpec, save_checkpoint
 from neuromap.config import ModelConfig, PreprocessConfig
 from neuromap.errors import NeuroMapError
+from neuromap.io.dicom_export import Study, write_series, write_study
 from neuromap.synthetic import write_synthetic_case
 from neuromap.webapp_io import (
     IGNORE,
     Workspace,
-    build_case_folder,
     case_id_from_names,
     check_nifti_header,
+    chosen_sequences,
     extract_case_zip,
+    extract_zip,
     guess_modality,
     stage_uploads,
 )
 
 APP = Path(__file__).resolve().parents[1] / "src" / "neuromap" / "app.py"
 MB = 2**20
+RAW = SHARED_DATA / "raw" / "TCGA-FG-6692"
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -322,16 +327,13 @@ def test_sequence_guess_from_file_name(name, expected):
     assert guess_modality(name) == expected
 
 
-def test_case_folder_uses_chosen_sequences_and_refuses_duplicates(tmp_path):
-    a, b = tmp_path / "one.nii.gz", tmp_path / "two.nii.gz"
-    a.write_bytes(nifti_gz_bytes())
-    b.write_bytes(nifti_gz_bytes())
-    folder = build_case_folder({a: "t1ce", b: "flair"}, tmp_path / "case", "P1")
-    assert sorted(p.name for p in folder.iterdir()) == ["P1_flair.nii.gz", "P1_t1ce.nii.gz"]
-    with pytest.raises(NeuroMapError, match="both set to t1"):
-        build_case_folder({a: "t1", b: "t1"}, tmp_path / "case2", "P1")
-    with pytest.raises(NeuroMapError, match="no file is assigned"):
-        build_case_folder({a: IGNORE}, tmp_path / "case3", "P1")
+def test_chosen_sequences_refuse_duplicates_and_nothing_chosen():
+    names = {"k1": "one.nii.gz", "k2": "#3 'AX T1'"}
+    assert chosen_sequences({"k1": "t1ce", "k2": "flair"}, names) == {"t1ce": "k1", "flair": "k2"}
+    with pytest.raises(NeuroMapError, match="one.nii.gz and #3 'AX T1' are both set to t1"):
+        chosen_sequences({"k1": "t1", "k2": "t1"}, names)
+    with pytest.raises(NeuroMapError, match="nothing is set to a sequence"):
+        chosen_sequences({"k1": IGNORE}, names)
     assert case_id_from_names(["Brats18_A_1_t1.nii.gz", "Brats18_A_1_flair.nii.gz"]) == "Brats18_A_1"
     assert case_id_from_names(["t1.nii.gz", "flair.nii.gz"], "zipname") == "zipname"
 
@@ -483,10 +485,11 @@ def test_failed_run_clears_the_previous_result_and_shows_why(app, media, tmp_pat
     button would fail), and the reason is shown in an error box, worded for the page: the uploaded file's name,
     no server path."""
     case = write_synthetic_case(tmp_path / "in", "F1", shape=(32, 32, 16), with_seg=False)
-    other = write_synthetic_case(tmp_path / "other", "F1", shape=(30, 32, 16), with_seg=False)
-    files = uploads(case) + [("other grid_t2.nii.gz", (other / "F1_t2.nii.gz").read_bytes(), "application/gzip")]
+    t2 = nib.load(case / "F1_t2.nii.gz")
+    blank = gzip.compress(nib.Nifti1Image(np.zeros(t2.shape, np.int16), t2.affine).to_bytes())
+    files = uploads(case) + [("blank scan_t2.nii.gz", blank, "application/gzip")]
     app.file_uploader[0].set_value(files).run()
-    app.selectbox(key="seq_0_4").set_value(IGNORE).run()  # files: F1_flair, F1_t1, F1_t1ce, F1_t2, other grid_t2
+    app.selectbox(key="seq_0_4").set_value(IGNORE).run()  # files: F1_flair, F1_t1, F1_t1ce, F1_t2, blank scan_t2
     button(app, "Segment").click().run()
     assert app.table and downloads(app, media)
     app.selectbox(key="seq_0_3").set_value(IGNORE).run()
@@ -495,9 +498,9 @@ def test_failed_run_clears_the_previous_result_and_shows_why(app, media, tmp_pat
     assert not app.exception
     assert "result" not in app.session_state and not app.table and not app.get("download_button")
     reason = next(e.value for e in app.error if "Segmentation failed" in e.value)
-    assert "other grid_t2.nii.gz" in reason and "neuromap-app-" not in reason and "--" not in reason
+    assert "blank scan_t2.nii.gz: the t2 image is all zero" in reason and "neuromap-app-" not in reason
     app.selectbox(key="model_choice").run()  # any rerun: the reason stays until the next run or upload
-    assert "other grid_t2.nii.gz" in text_of(app.error)
+    assert "blank scan_t2.nii.gz" in text_of(app.error)
 
 
 def test_segment_is_disabled_with_the_reason_when_a_needed_sequence_is_missing(app, tmp_path):
@@ -553,3 +556,162 @@ def test_shipped_validation_text_matches_the_model_card(name):
     for structure, dice in model.val_dice.items():
         assert f"| {structure} (region) | {dice:.3f} ±" in validation
         assert f"{structure} {dice:.3f}" in model.validation_text()
+
+
+# ------------------------------------------------------------------------------------------------ clinical inputs
+
+
+def zipped(folder: Path) -> bytes:
+    """``folder`` as a zip holding the folder itself, sub-folders and all (what zipping it in a file manager gives)."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder.parent))
+    return archive.getvalue()
+
+
+@needs_real_data
+def test_dicom_zip_shows_the_mapping_lets_the_user_settle_a_tie_and_gives_a_dicom_seg(app, media, tmp_path):
+    """A real BraTS case written as a DICOM study (localizer, shuffled file names, nested folders, a README) with a
+    second post-contrast T1 series: every series is listed with what NeuroMap made of it; the tie is not guessed
+    (Segment is disabled and the page says why) until the user sets the series in the table; the labels lie on
+    the chosen series' grid, the DICOM SEG references it, the report says who chose it, the viewer gets the
+    series as NIfTI."""
+    from test_dicom import MODALITIES, case_images
+
+    images = case_images()
+    study = Study()
+    root = tmp_path / "Patient07"
+    write_study({m: images[m] for m in MODALITIES}, root, study)
+    write_series(images["t1ce"], root / "extra", study, series_number=9, description="AX T1 POST GAD 3D",
+                 protocol="t1_mprage_post")
+    app.radio[0].set_value("Case folder as .zip").run()
+    app.file_uploader[0].set_value(("Patient07.zip", zipped(root), "application/zip")).run()
+    assert not app.error and not app.exception, text_of(app.error)
+
+    rows = {s.label.removeprefix("Sequence of "): s for s in app.selectbox if s.label.startswith("Sequence of")}
+    assert {name: s.value for name, s in rows.items()} == {
+        "#1 '3-PLANE LOC'": IGNORE, "#2 'AX T1 SE'": "t1", "#3 'AX T1 POST GAD'": IGNORE, "#4 'AX T2 FSE'": "t2",
+        "#5 'T2 FLAIR AX'": "flair", "#9 'AX T1 POST GAD 3D'": IGNORE}
+    assert rows["#1 '3-PLANE LOC'"].disabled and not rows["#3 'AX T1 POST GAD'"].disabled
+    page = text_of(app.markdown)
+    assert "localizer" in page and "contrast agent tag 'Gadobutrol 7.5 ml'" in page and "160x192x60" in page
+    assert "Several series fit T1ce (contrast) (#3 'AX T1 POST GAD', #9 'AX T1 POST GAD 3D')" in text_of(app.warning)
+    assert button(app, "Segment").disabled
+    assert "README.txt" in text_of(app.caption)  # the non-DICOM file is named as not used
+
+    rows["#9 'AX T1 POST GAD 3D'"].set_value("t1ce").run()
+    assert not button(app, "Segment").disabled and "Several series fit" not in text_of(app.warning)
+    assert "different voxel grids" not in text_of(app.info) and not app.checkbox(key="raw_0_False").value
+    button(app, "Segment").click().run()
+    assert not app.exception and not app.error, text_of(app.error)
+
+    files = downloads(app, media)
+    assert sorted(files) == ["DICOM SEG (on series #9)", "Label map (NIfTI, input grid)", "Overlay (PNG)",
+                             "Report (JSON)", "Uncertainty map (NIfTI, input grid, 0-255)"]
+    report = json.loads(files["Report (JSON)"])
+    used = report["dicom"]["series_used"]
+    assert used["t1ce"]["number"] == 9
+    assert used["t1ce"]["why"] == ("description 'AX T1 POST GAD 3D'; post-contrast by its name; confirmed in the web "
+                                   "app's series table")
+    ignored = {s["number"]: s["reason"] for s in report["dicom"]["series_ignored"]}
+    assert ignored[1] == "localizer / calibration scan"
+    assert ignored[3].endswith("; not chosen in the web app's series table")
+    assert report["inputs"] == {"t1": "#2 'AX T1 SE'", "t1ce": "#9 'AX T1 POST GAD 3D'", "t2": "#4 'AX T2 FSE'",
+                                "flair": "#5 'T2 FLAIR AX'"}
+    assert "neuromap-app-" not in files["Report (JSON)"].decode()
+    labels = nib.Nifti1Image.from_bytes(gzip.decompress(files["Label map (NIfTI, input grid)"]))
+    assert labels.shape == images["t1ce"].shape
+    np.testing.assert_allclose(labels.affine, images["t1ce"].affine, atol=1e-3)
+    seg = pydicom.dcmread(io.BytesIO(files["DICOM SEG (on series #9)"]))
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == used["t1ce"]["uid"]
+
+    from neuromap.app_viewer import component_args
+
+    args = component_args(app.session_state.result, {})
+    shown = nib.Nifti1Image.from_bytes(gzip.decompress(args["seq_t1ce"]))
+    assert np.array_equal(np.asarray(shown.dataobj), np.asarray(images["t1ce"].dataobj))
+    np.testing.assert_allclose(shown.affine, images["t1ce"].affine, atol=1e-3)
+
+
+@needs_real_data
+def test_dicom_series_on_different_grids_get_raw_preparation_ticked(app, tmp_path):
+    """A DICOM study whose T2 series has a coarser in-plane grid: the page names the series and ticks 'Raw scans'
+    (the check `validate` makes for DICOM studies)."""
+    from test_dicom import MODALITIES, case_images
+
+    small = case_images((slice(60, 124), slice(70, 134), slice(80, 86)))
+    small["t2"] = small["t2"].slicer[::2, ::2, :]
+    write_study({m: small[m] for m in MODALITIES}, tmp_path / "Grids")
+    app.radio[0].set_value("Case folder as .zip").run()
+    app.file_uploader[0].set_value(("Grids.zip", zipped(tmp_path / "Grids"), "application/zip")).run()
+    notice = text_of(app.info)
+    assert "different voxel grids" in notice and "t2: #4 'AX T2 FSE' 32x32x6" in notice
+    assert app.checkbox(key="raw_0_True").value and not button(app, "Segment").disabled
+
+
+@needs_real_data
+@pytest.mark.slow
+@pytest.mark.skipif(not RAW.is_dir(), reason=f"raw study {RAW} is absent (fresh clone outside the team setup)")
+def test_raw_study_gets_raw_preparation_ticked_and_is_segmented_on_its_t1ce_grid(app, media):
+    """The real raw clinical study (skull on, three grids, 5.5 mm slices) uploaded as its four files: the page
+    says the grids differ and ticks 'Raw scans'; without it Segment is disabled with the reason; with it the case
+    is co-registered, skull-stripped (deepbet) and segmented, and the labels and brain mask lie on the T1ce's own
+    grid."""
+    sources = sorted(RAW.iterdir())
+    app.file_uploader[0].set_value([(p.name, p.read_bytes(), "application/gzip") for p in sources]).run()
+    assert [s.value for s in app.selectbox if s.label.startswith("Sequence of")] == ["flair", "t1ce", "t2", "t1"]
+    notice = text_of(app.info)
+    (t2,) = RAW.glob("*_t2.nii.gz")
+    assert "different voxel grids" in notice and f"{t2.name}: voxel grid differs" in notice
+    assert "rotated by 14.04 degrees" in notice and "neuromap-app-" not in notice
+    raw = app.checkbox(key="raw_0_True")
+    assert raw.value
+    raw.uncheck().run()
+    assert button(app, "Segment").disabled and "tick 'Raw scans'" in text_of(app.warning)
+    app.checkbox(key="raw_0_True").check().run()
+    button(app, "Segment").click().run(timeout=1800)  # registration and deepbet on a shared CPU
+    assert not app.exception and not app.error, text_of(app.error)
+
+    files = downloads(app, media)
+    assert sorted(files) == ["Brain mask (NIfTI, input grid)", "Label map (NIfTI, input grid)", "Overlay (PNG)",
+                             "Report (JSON)"]
+    (t1ce,) = RAW.glob("*_t1c.nii.gz")
+    reference = nib.load(t1ce)
+    for label in ("Label map (NIfTI, input grid)", "Brain mask (NIfTI, input grid)"):
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(files[label]))
+        assert image.shape == reference.shape and np.array_equal(image.affine, reference.affine), label
+    report = json.loads(files["Report (JSON)"])
+    raw_report = report["raw_preparation"]
+    assert raw_report["reference"] == "t1ce" and raw_report["brain_mask"]["method"] == "deepbet on t1"
+    assert 1000 <= raw_report["brain_mask"]["volume_ml"] <= 1700
+    assert set(raw_report["timings_s"]) >= {"read_s", "register_s", "resample_s", "brain_mask_s", "quality_s"}
+    assert report["inputs"]["t1ce"] == t1ce.name and "neuromap-app-" not in files["Report (JSON)"].decode()
+    print("raw preparation in the app:", raw_report["timings_s"])
+    # The viewer shows the co-registered 1 mm sequences (the uploaded ones are not aligned with the labels).
+    from neuromap.app_viewer import component_args
+
+    flair = nib.Nifti1Image.from_bytes(gzip.decompress(component_args(app.session_state.result, {})["seq_flair"]))
+    assert np.allclose(flair.header.get_zooms(), 1.0) and flair.shape == tuple(raw_report["working_grid"]["shape"])
+
+
+def test_dicom_zip_keeps_folders_and_only_dicom_files(tmp_path):
+    """Files of different series may share a name in different folders; files without the DICOM mark are left
+    out; a zip with neither NIfTI nor DICOM files is refused and leaves nothing."""
+    dicom = b"\0" * 128 + b"DICM" + b"rest of a header"
+    archive = zip_bytes({"Study/S1/IM0001": dicom, "Study/S2/IM0001": dicom, "Study/README": b"text",
+                         "Study/S2/./IM0002": dicom})
+    contents = extract_zip(archive, tmp_path / "d", limit_bytes=MB)
+    assert contents.staged == [] and contents.dicom == tmp_path / "d"
+    kept = sorted(str(p.relative_to(tmp_path / "d")) for p in (tmp_path / "d").rglob("*") if p.is_file())
+    assert kept == ["Study/S1/IM0001", "Study/S2/IM0001", "Study/S2/IM0002"]
+    assert contents.ignored == ["Study/README"]
+    with pytest.raises(NeuroMapError, match="neither NIfTI files .* nor DICOM files"):
+        extract_zip(zip_bytes({"notes.txt": b"text", "photo.jpg": b"\xff\xd8"}), tmp_path / "e", limit_bytes=MB)
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(NeuroMapError, match="points outside the archive"):
+        extract_zip(zip_bytes({"Study/../../IM1": dicom}), tmp_path / "f", limit_bytes=MB)
+    with pytest.raises(NeuroMapError, match="more than the limit"):
+        extract_zip(zip_bytes({f"Study/IM{i}": dicom + b"\0" * 400_000 for i in range(3)}), tmp_path / "g",
+                    limit_bytes=MB)

@@ -112,12 +112,22 @@ def glyph(strip: np.ndarray) -> np.ndarray:
     return lit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
 
 
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the selectbox ``label`` as a user does: bring it into view, let that scroll reach the page,
+    then click. Streamlit's selectbox (react-aria) closes its list on any scroll of the page, and the scroll event of
+    a click's own scroll-into-view arrives a frame later: when the page is slow to draw (a busy machine, NiiVue on
+    a software GPU), after the click has opened the list, which then closes at once (the input keeps the focus)."""
+    box = page.get_by_label(label)
+    box.scroll_into_view_if_needed()
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    box.click(force=True)
+    page.get_by_role("option", name=option).click(force=True)
+
+
 def readout(frame, plane: str) -> str:
     return frame.locator(f"#readout [data-plane={plane}]").inner_text()
 
 
-@pytest.mark.xfail(run=False, reason="passes on the viewer branch (141 s) but fails on main after the merges of "
-                   "session 18 under heavy load; not yet diagnosed. To be fixed next session.")
 def test_upload_segment_view_download_and_refusal_in_chromium(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     expect = sync_api.expect
@@ -129,7 +139,7 @@ def test_upload_segment_view_download_and_refusal_in_chromium(tmp_path: Path) ->
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1200}, accept_downloads=True)
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(180_000)  # a screenshot waits for frames, which a loaded software GPU delays
             page.goto(server)
             # The first run of the page imports torch: allow for a busy machine.
             page.get_by_role("heading", name="NeuroMap: brain tumour segmentation").wait_for(timeout=LOAD_TIMEOUT_MS)
@@ -166,8 +176,7 @@ def test_upload_segment_view_download_and_refusal_in_chromium(tmp_path: Path) ->
             assert report["inputs"] == {m: f"{CASE}_{m}.nii.gz" for m in SEQUENCES}
 
             # A sequence the model needs set to 'ignore': Segment is disabled and the page says why.
-            page.get_by_label(f"Sequence of {CASE}_t1ce.nii.gz").click(force=True)
-            page.get_by_role("option", name="ignore (not used)").click(force=True)
+            choose(page, f"Sequence of {CASE}_t1ce.nii.gz", "ignore (not used)")
             expect(page.get_by_text("This model needs T1ce (contrast), which no file is set to")).to_be_visible()
             expect(page.get_by_role("button", name="Segment")).to_be_disabled()
             page.screenshot(path=str(tmp_path / "blocked.png"))

@@ -297,7 +297,7 @@ def test_queue_positions_shown_and_one_case_at_a_time(eight_sessions):
     for rank, user in enumerate(users):
         texts = shown[user.owner]
         if rank == 0:  # first: either still waiting for the idle worker to pick it up, or running
-            assert texts[0].startswith(("Waiting, 0 ahead", "Arranging the files")), texts[0]
+            assert texts[0].startswith(("Waiting, 0 ahead", "Reading the sequences")), texts[0]
         else:
             assert texts[0].startswith(f"Waiting, {rank} ahead (one segmentation runs at a time)"), texts[0]
         places = [int(m.group(1)) for text in texts if (m := WAITING.match(text))]
@@ -391,7 +391,7 @@ def test_session_end_cancels_a_queued_job_at_once_and_a_running_one_at_its_next_
                        and user.owner in shown, 300)
         a, b = users
         job_a, job_b = a.at.session_state.job, b.at.session_state.job
-        wait_until(lambda: job_a.stage == "arranging" and seen["entered"] == [a.case.name], 300)
+        wait_until(lambda: job_a.state == "running" and seen["entered"] == [a.case.name], 300)
         assert shown[b.owner][-1].startswith("Waiting, 1 ahead")
         root_a, root_b = a.at.session_state.workspace.root, b.at.session_state.workspace.root
         clear_session_resource_cache(APPTEST_SESSION_ID)  # Streamlit's session end (disconnect or shutdown)

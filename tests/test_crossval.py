@@ -75,9 +75,9 @@ def test_native_resolution_inference_pads_to_the_divisor_and_crops_back():
     torch.manual_seed(0)
     model = spec.build().eval()
     image = np.random.default_rng(0).normal(size=(4, 37, 29, 7)).astype(np.float32)
-    probs = predict_probs([(model, spec)], image, InferenceConfig(slice_batch_size=3))
+    probs = predict_probs([(model, spec)], image, InferenceConfig(slice_batch_size=3, skip_slices=False))
     assert probs.shape == (3, 37, 29, 7)
-    again = predict_probs([(model, spec)], image, InferenceConfig(slice_batch_size=7))
+    again = predict_probs([(model, spec)], image, InferenceConfig(slice_batch_size=7, skip_slices=False))
     assert torch.allclose(probs, again, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ from neuromap.errors import NeuroMapError
 from neuromap.io import DICOM, discover_cases, load_case
 from neuromap.io.dicom import Series, read_series, scan_dicom
 from neuromap.io.dicom_export import PROTOCOL, Study, write_series, write_study
-from neuromap.io.dicom_map import classify
+from neuromap.io.dicom_map import classify, propose
 from neuromap.io.dicom_seg import read_dicom_seg, write_dicom_seg
 from neuromap.labels import to_internal
 from neuromap.segmenter import segment
@@ -33,13 +33,15 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 CROP = (slice(40, 200), slice(30, 222), slice(60, 120))
 
 
-def _images(crop=CROP) -> dict[str, nib.Nifti1Image]:
+def case_images(crop=CROP) -> dict[str, nib.Nifti1Image]:
+    """The real case's sequences and labels, cropped: what these tests (and the web app's DICOM test) write as
+    DICOM series."""
     return {m: nib.load(CASE / f"{CASE.name}_{m}.nii.gz").slicer[crop] for m in (*MODALITIES, "seg")}
 
 
 @pytest.fixture(scope="module")
 def sources() -> dict[str, nib.Nifti1Image]:
-    return _images()
+    return case_images()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +181,7 @@ def test_mapping_report_and_overrides(study):
 
 @needs_real_data
 def test_ambiguous_and_incomplete_mappings_list_the_series(tmp_path):
-    small = _images((slice(60, 124), slice(70, 134), slice(80, 86)))
+    small = case_images((slice(60, 124), slice(70, 134), slice(80, 86)))
     root, study = tmp_path / "ambiguous", Study()
     write_study({m: small[m] for m in MODALITIES}, root, study)
     write_series(small["t1ce"], root / "extra", study, series_number=9, description="AX T1 POST GAD 3D",
@@ -190,8 +192,14 @@ def test_ambiguous_and_incomplete_mappings_list_the_series(tmp_path):
     assert "ambiguous" in message and "--map" in message and "64x64x6" in message
     for description in ("AX T1 POST GAD", "AX T1 POST GAD 3D", "T2 FLAIR AX", "3-PLANE LOC"):
         assert f"'{description}'" in message
-    uids = {s.description: s.uid for s in scan_dicom(root)[0]}
+    series = scan_dicom(root)[0]
+    uids = {s.description: s.uid for s in series}
     assert uids["AX T1 POST GAD 3D"] in message
+    # What a page shows instead of refusing: the tie, with both series, and the rest chosen.
+    proposal = propose(series)
+    assert {m: [s.description for s in tied] for m, tied in proposal.ambiguous.items()} == {
+        "t1ce": ["AX T1 POST GAD", "AX T1 POST GAD 3D"]}
+    assert {proposal.used[m].description for m in ("t1", "t2", "flair")} == {"AX T1 SE", "AX T2 FSE", "T2 FLAIR AX"}
     (case,) = DICOM.cases(root, {"t1ce": "9"})
     assert case.study.used["t1ce"].uid == uids["AX T1 POST GAD 3D"]
     assert main(["validate", str(root), "--map", "t1ce=9"]) == 0
@@ -204,7 +212,7 @@ def test_ambiguous_and_incomplete_mappings_list_the_series(tmp_path):
 
 @needs_real_data
 def test_series_on_different_grids_need_raw_preparation(tmp_path, capsys):
-    small = _images((slice(60, 124), slice(70, 134), slice(80, 86)))
+    small = case_images((slice(60, 124), slice(70, 134), slice(80, 86)))
     small["t2"] = small["t2"].slicer[::2, ::2, :]  # a thicker in-plane grid, as a real scanner's T2 often is
     write_study({m: small[m] for m in MODALITIES}, tmp_path / "study")
     assert main(["validate", str(tmp_path / "study")]) == 2
@@ -273,7 +281,7 @@ def test_api_series_map_and_dicom_seg_only_for_dicom(study, nifti_case, tiny_che
 
 @needs_real_data
 def test_several_studies_are_several_cases_and_seg_objects_are_skipped(tmp_path):
-    small = _images((slice(60, 124), slice(70, 134), slice(80, 84)))
+    small = case_images((slice(60, 124), slice(70, 134), slice(80, 84)))
     for patient in ("P1", "P2"):
         write_study({m: small[m] for m in MODALITIES}, tmp_path / "export" / patient, Study(patient_id=patient))
     t1 = sorted(scan_dicom(tmp_path / "export" / "P1")[0], key=lambda s: s.number)[1]  # [0] is the localizer

@@ -129,7 +129,9 @@ def test_prepare_raw_steps_on_a_small_generated_case(synthetic_case):
     affine[:3, 3] += [1.5, -2.0, 0.5]
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, ::2], affine), flair)
     case = discover_cases(synthetic_case)[0]
-    prep = prepare_raw(case, ["t1ce", "flair"], RawOptions(skull_stripped=True, n4=True), case.layout)
+    steps: list[str] = []  # what a progress display hears (the web app's bar)
+    prep = prepare_raw(case, ["t1ce", "flair"], RawOptions(skull_stripped=True, n4=True), case.layout, steps.append)
+    assert steps == ["read", "register", "resample", "brain_mask", "quality", "n4"]
     assert prep.reference == "t1ce" and set(prep.timings) >= {"register_s", "resample_s", "n4_s"}
     assert prep.volume.image.shape == (2, 48, 48, 32) and prep.volume.brain_mask.any()
     t1ce = nib.load(next(synthetic_case.glob("*_t1ce.nii.gz")))

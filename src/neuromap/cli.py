@@ -175,6 +175,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     options = {"tta": args.tta, "device": args.device, "threads": args.threads, "workers": args.workers,
                "engine": args.engine, "uncertainty": args.uncertainty, "probabilities": args.probabilities,
+               "skip_slices": False if args.all_slices else None,
                "picture_convention": "neurological" if args.neurological else None}
     cfg = parse_config({k: v for k, v in options.items() if v is not None}, InferenceConfig,
                        source="neuromap segment options")
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "while the model runs (default 1, 0 = none; each holds one case in memory)")
     p.add_argument("--engine", choices=["auto", "torch", "torch-compile", "onnxruntime", "openvino"], default="auto",
                    help="what runs the network; auto = fastest installed CPU engine, else PyTorch (default)")
+    p.add_argument("--all-slices", action="store_true", help="2D models: run the network on every axial slice "
+                   "(default: a coarse pass, then only the slices near tumour; measured free on the shared cases, "
+                   "docs/experiments/skip_slices.md)")
     cluster = p.add_argument_group("cohorts on a cluster (nnU-Net's convention; see the README's SLURM example)")
     cluster.add_argument("--num-parts", type=int, metavar="N", help="split the cases into N parts (case ids sorted, "
                          "every N-th) and segment only --part-id's; writes summary_part_K_of_N.json")

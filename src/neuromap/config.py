@@ -293,6 +293,20 @@ class InferenceConfig(Strict):
     overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap (3D models)")
     sw_batch_size: int = Field(2, ge=1)
     slice_batch_size: int = Field(16, ge=1, description="2D models: slices per forward pass (16 was fastest)")
+    # Measured on the 22 shared BraTS cases with the default model (benchmarks/skip_slices.py,
+    # docs/experiments/skip_slices.md): every stride and margin tried gave the same labels as every slice.
+    skip_slices: bool = Field(
+        True, description="2D models on scans of known voxel size: a coarse pass over one axial slice every "
+        "skip_stride_mm, then only the slices near the tumour it finds (`neuromap.inference.near_tumour`); skipped "
+        "slices are certain background. Off (--all-slices): every slice runs"
+    )
+    skip_stride_mm: float = Field(
+        4.0, gt=0, le=100, description="coarse pass spacing; tumour at least this thick is never missed. 4 mm: a "
+        "compact lesion large enough to pass min_component_ml (0.1 mL, 5.8 mm across) is thicker"
+    )
+    skip_margin_mm: float = Field(
+        2.0, gt=0, le=100, description="tumour-free depth run beyond each tumour found (at least one slice)"
+    )
     min_component_ml: float = Field(0.1, ge=0, description="drop tumour components smaller than this (mL)")
     min_component_fraction: float = Field(
         0.1, ge=0, le=1, description="drop components smaller than this share of the largest (0 keeps all)"

@@ -259,25 +259,27 @@ class Segmenter:
                      on_stage: Callable[[str], None] | None = None) -> SegmentResult:
         """Segment one case. With ``output_dir``, write its layout's outputs (label output, ``<case>_report.json``,
         ``<case>_overlay.png``): all checked before any work, staged under temporary names, renamed together.
-        ``on_stage`` hears each stage as it starts ("reading", "preparing", "model", "writing"), e.g. for the web
-        app's progress bar."""
+        ``on_stage`` hears each stage as it starts ("reading", "preparing", "model", "writing"; for raw scans also
+        each preparation step between reading and preparing, see `neuromap.prepare_raw.prepare_raw`), e.g. for the
+        web app's progress bar."""
         stage = on_stage or (lambda name: None)
         return self._finish(self._read(case, output_dir, overwrite, stage), overwrite, stage)
 
-    def _as_segmented(self, case: Case) -> tuple[Case, list[Path], list[tuple[Runner, ModelSpec]]]:
-        """``case`` as this segmenter reads it (raw scans wear a `RawLayout` for the model's sequences), with
-        the checkpoints and the loaded models it gets."""
+    def _as_segmented(self, case: Case, stage: Callable[[str], None] | None = None
+                      ) -> tuple[Case, list[Path], list[tuple[Runner, ModelSpec]]]:
+        """``case`` as this segmenter reads it (raw scans wear a `RawLayout` for the model's sequences, which
+        tells ``stage`` its steps), with the checkpoints and the loaded models it gets."""
         model_files = self.model_files(case)
         models = self._models(model_files)
         if self.raw is not None:
-            case = as_raw(case, self.raw, models[0][1].modalities)
+            case = as_raw(case, self.raw, models[0][1].modalities, stage)
         return case, model_files, models
 
     def _read(self, case: Case, output_dir: str | Path | None, overwrite: bool,
               stage: Callable[[str], None] = lambda name: None) -> _Read:
         """The reading stage: model choice, output checks, then load and prepare (see the module docstring)."""
         t0 = time.perf_counter()
-        case, model_files, models = self._as_segmented(case)
+        case, model_files, models = self._as_segmented(case, stage)
         spec, layout = models[0][1], case.layout
         if DICOM_SEG in self.optional and DICOM_SEG not in layout.optional_outputs:
             raise NeuroMapError(
@@ -312,7 +314,8 @@ class Segmenter:
         task = task_of(spec)
         stage("model")
         t1 = time.perf_counter()
-        probs = predict_probs(models, read.prepared.image, cfg, device=self.device)
+        spacing = read.prepared.spacing if volume.spacing_known else None  # skip_slices measures in mm
+        probs = predict_probs(models, read.prepared.image, cfg, device=self.device, spacing=spacing)
         timings["inference_s"] = time.perf_counter() - t1
         stage("writing")
         t1 = time.perf_counter()
@@ -331,7 +334,8 @@ class Segmenter:
             warnings.append(task.nothing_found)
         timings["postprocess_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device)
+        single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device,
+                              spacing=spacing)
         quality = assess(read.prepared, probs, single_pass, cfg.tta, internal, output_volume, spec, task)
         maps = map_images(probs, inverse, task, volume.reference, requested_maps(cfg))
         timings["quality_s"] = time.perf_counter() - t1

@@ -60,6 +60,16 @@ class Task:
         """Probabilities from logits (K, ...): sigmoid for region outputs, softmax over classes otherwise."""
         return logits.sigmoid() if self.out == "regions" else logits.softmax(dim=0)
 
+    def background(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Probabilities (K, *shape) that say background with certainty: what inference gives the slices it skips
+        (`neuromap.inference.near_tumour`). Region outputs are all 0; class outputs put all weight on class 0."""
+        import torch
+
+        probs = torch.zeros((self.out_channels(), *shape))
+        if self.out == "classes":
+            probs[0] = 1
+        return probs
+
     def labels(self, probs: torch.Tensor | np.ndarray) -> np.ndarray:
         """Internal labels (uint8) from probabilities (K, ...): the argmax of class outputs."""
         import torch

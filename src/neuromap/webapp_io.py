@@ -3,8 +3,9 @@
 Rules: the total upload per case is capped (in code, not only by Streamlit's per-file limit); zip archives are
 inspected entry by entry before anything is extracted (absolute paths, ``..`` and symlinks are refused, the
 unpacked size is capped and counted while extracting); every file used as a scan must really be NIfTI
-(gzip magic for ``.nii.gz``, then a NIfTI-1/2 header); and all files of a browser session live in one private
-temp folder (`Workspace`) that is deleted on reset and when the session object goes away.
+(gzip magic for ``.nii.gz``, then a NIfTI-1/2 header) or, from a zip without NIfTI files, DICOM (the 'DICM'
+mark); and all files of a browser session live in one private temp folder (`Workspace`) that is deleted on reset
+and when the session object goes away.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ import tempfile
 import weakref
 import zipfile
 import zlib
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from neuromap.config import MODALITIES, MODALITY_ALIASES, canonical_modality
 from neuromap.errors import NeuroMapError
-from neuromap.io.case import SEG_TOKENS, nifti_stem, split_name_token
+from neuromap.io.case import SEG_TOKENS, Case, nifti_stem, split_name_token
 
 DEFAULT_MAX_UPLOAD_MB = 300
 IGNORE = "ignore"  # modality choice for an uploaded file that is not used (e.g. a reference segmentation)
 NIFTI1_HEADER, NIFTI2_HEADER = 348, 540
 GZIP_MAGIC = b"\x1f\x8b"
+DICOM_HEAD = 132  # a DICOM file: a 128-byte preamble, then "DICM"
 _COPY_CHUNK = 1 << 20
 
 
@@ -190,29 +194,47 @@ def stage_uploads(files: list[tuple[str, bytes]], folder: Path, limit_bytes: int
     return staged
 
 
+def entry_parts(info: zipfile.ZipInfo) -> list[str]:
+    """The folder and file names of a zip entry, after refusing absolute paths, ``..`` and symbolic links."""
+    raw = info.filename
+    parts = re.split(r"[\\/]", raw)
+    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw):
+        raise NeuroMapError(f"zip entry '{raw}' has an absolute path; refused (nothing was extracted).")
+    if ".." in parts:
+        raise NeuroMapError(f"zip entry '{raw}' points outside the archive (..); refused (nothing was extracted).")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise NeuroMapError(f"zip entry '{raw}' is a symbolic link; refused (nothing was extracted).")
+    return parts
+
+
+def file_entries(archive: zipfile.ZipFile) -> tuple[list[zipfile.ZipInfo], list[str]]:
+    """Every entry checked (`entry_parts`) before anything is extracted: (files that may be scans, names of
+    ignored entries: macOS resource forks and hidden files). Folders are left out."""
+    files, ignored = [], []
+    for info in archive.infolist():
+        parts = entry_parts(info)
+        if info.is_dir():
+            continue
+        if parts[0] == "__MACOSX" or parts[-1].startswith("."):
+            ignored.append(info.filename)
+        else:
+            files.append(info)
+    return files, ignored
+
+
+def is_nifti_entry(info: zipfile.ZipInfo) -> bool:
+    return nifti_stem(Path(safe_name(info.filename))) is not None
+
+
 def check_zip_entries(archive: zipfile.ZipFile, limit_bytes: int) -> tuple[list[zipfile.ZipInfo], list[str]]:
     """Inspect every entry before anything is extracted: (NIfTI entries to use, names of ignored entries).
 
     Refused: absolute paths, ``..`` components, symlinks, a declared unpacked size over the limit, NIfTI files in
     more than one folder (more than one case), two entries with the same file name.
     """
-    used: list[zipfile.ZipInfo] = []
-    ignored: list[str] = []
-    for info in archive.infolist():
-        raw = info.filename
-        parts = re.split(r"[\\/]", raw)
-        if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw):
-            raise NeuroMapError(f"zip entry '{raw}' has an absolute path; refused (nothing was extracted).")
-        if ".." in parts:
-            raise NeuroMapError(f"zip entry '{raw}' points outside the archive (..); refused (nothing was extracted).")
-        if stat.S_ISLNK(info.external_attr >> 16):
-            raise NeuroMapError(f"zip entry '{raw}' is a symbolic link; refused (nothing was extracted).")
-        if info.is_dir():
-            continue
-        if parts[0] == "__MACOSX" or parts[-1].startswith(".") or nifti_stem(Path(parts[-1])) is None:
-            ignored.append(raw)
-            continue
-        used.append(info)
+    files, ignored = file_entries(archive)
+    used = [i for i in files if is_nifti_entry(i)]
+    ignored += [i.filename for i in files if not is_nifti_entry(i)]
     if not used:
         raise NeuroMapError("the zip holds no .nii/.nii.gz file. Fix: zip the case folder with its sequence files.")
     check_total_size([i.file_size for i in used], limit_bytes)
@@ -229,31 +251,30 @@ def check_zip_entries(archive: zipfile.ZipFile, limit_bytes: int) -> tuple[list[
     return used, ignored
 
 
-def extract_case_zip(
-    source: str | Path | BinaryIO, folder: Path, limit_bytes: int
-) -> tuple[list[StagedFile], list[str]]:
-    """Safely unpack one case folder from a zip into ``folder`` (flat): (staged NIfTI files, ignored entries).
-
-    Every entry is checked first (`check_zip_entries`); while copying, the bytes actually produced are counted
-    against the limit (a forged size field cannot inflate past it) and each file's header is checked as NIfTI.
-    On any refusal the partly extracted files are removed.
-    """
+def open_zip(source: str | Path | BinaryIO) -> zipfile.ZipFile:
     try:
-        archive = zipfile.ZipFile(source)
+        return zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError) as exc:
         raise NeuroMapError(f"not a readable zip archive ({exc}). Fix: zip it again (zip -r case.zip CASE/).") from None
-    with archive:
-        entries, ignored = check_zip_entries(archive, limit_bytes)
-        folder.mkdir(parents=True, exist_ok=True)
-        staged: list[StagedFile] = []
-        budget = limit_bytes
-        try:
-            for info in entries:
-                name = safe_name(info.filename)
-                target = folder / name
-                with archive.open(info) as src, open(target, "wb") as dst:
-                    head = src.read(NIFTI2_HEADER + 4)
-                    check_nifti_header(name, head)
+
+
+def unpack(archive: zipfile.ZipFile, folder: Path, targets: dict[zipfile.ZipInfo, Path], limit_bytes: int,
+           head_size: int, accept: Callable[[str, bytes], bool]) -> list[Path]:
+    """Copy entries to their target files in ``folder``, returning the targets kept. ``accept(name, first
+    bytes)`` keeps a file (True), skips it (False) or refuses the zip (NeuroMapError). The bytes actually produced
+    are counted against the limit, so a forged size field cannot inflate past it. On any refusal ``folder`` is
+    deleted with everything unpacked so far."""
+    kept: list[Path] = []
+    budget = limit_bytes
+    try:
+        for info, target in targets.items():
+            with archive.open(info) as src:
+                head = src.read(head_size)
+                if not accept(target.name, head):
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                kept.append(target)
+                with open(target, "wb") as dst:
                     dst.write(head)
                     budget -= len(head)
                     while chunk := src.read(_COPY_CHUNK):
@@ -264,53 +285,121 @@ def extract_case_zip(
                                 "(its size fields are wrong); refused."
                             )
                         dst.write(chunk)
-                staged.append(StagedFile(name, target, guess_modality(name)))
-        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
-            # RuntimeError: encrypted entry; NotImplementedError: a compression method Python cannot read.
-            shutil.rmtree(folder, ignore_errors=True)
-            raise NeuroMapError(
-                f"the zip cannot be unpacked ({exc}). Fix: zip the case folder again, without a password."
-            ) from None
-        except NeuroMapError:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-    return staged, ignored
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
+        # RuntimeError: encrypted entry; NotImplementedError: a compression method Python cannot read.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise NeuroMapError(
+            f"the zip cannot be unpacked ({exc}). Fix: zip the case folder again, without a password."
+        ) from None
+    except NeuroMapError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return kept
 
 
-def chosen_files(choices: dict[Path, str]) -> dict[str, Path]:
-    """Modality -> staged file from the page's choices (staged file -> modality or IGNORE); refused when two
-    files are set to one sequence or none is set, so the page can say so before anything runs."""
-    chosen: dict[str, Path] = {}
-    for path, modality in choices.items():
+def extract_case_zip(
+    source: str | Path | BinaryIO, folder: Path, limit_bytes: int
+) -> tuple[list[StagedFile], list[str]]:
+    """Safely unpack one case folder from a zip into ``folder`` (flat): (staged NIfTI files, ignored entries).
+
+    Every entry is checked first (`check_zip_entries`); while copying (`unpack`), the bytes are counted against
+    the limit and each file's header is checked as NIfTI. On any refusal the partly extracted files are removed.
+    """
+    with open_zip(source) as archive:
+        entries, ignored = check_zip_entries(archive, limit_bytes)
+        targets = {info: folder / safe_name(info.filename) for info in entries}
+        kept = unpack(archive, folder, targets, limit_bytes, NIFTI2_HEADER + 4,
+                      lambda name, head: check_nifti_header(name, head) is None)
+    return [StagedFile(path.name, path, guess_modality(path.name)) for path in kept], ignored
+
+
+def extract_dicom_zip(source: str | Path | BinaryIO, folder: Path, limit_bytes: int) -> list[str]:
+    """Safely unpack a DICOM export from a zip into ``folder`` with its sub-folders (files of different series
+    may share a name), keeping only DICOM files (the 'DICM' mark after the 128-byte preamble, what
+    `neuromap.io.dicom` reads): the names of the entries not used are returned. Entries are checked and counted
+    as in `extract_case_zip`; a zip without any DICOM file is refused."""
+    with open_zip(source) as archive:
+        files, ignored = file_entries(archive)
+        check_total_size([i.file_size for i in files], limit_bytes)
+        targets = {i: folder.joinpath(*(safe_name(part) for part in entry_parts(i) if part not in ("", ".")))
+                   for i in files}
+        counts = Counter(targets.values())
+        dupes = sorted(i.filename for i, t in targets.items() if counts[t] > 1)
+        if dupes:
+            raise NeuroMapError(f"the zip holds entries that unpack to the same file: {', '.join(dupes[:4])}. "
+                                "Fix: zip the export folder again.")
+        kept = unpack(archive, folder, targets, limit_bytes, DICOM_HEAD,
+                      lambda name, head: head[128:DICOM_HEAD] == b"DICM")
+    if not kept:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise NeuroMapError("the zip holds neither NIfTI files (.nii/.nii.gz) nor DICOM files. Fix: zip the case "
+                            "folder with its sequence files, or the folder of a DICOM export.")
+    unpacked = set(kept)
+    return ignored + [i.filename for i, t in targets.items() if t not in unpacked]
+
+
+@dataclass(frozen=True)
+class ZipUpload:
+    """A zip of one case: NIfTI files (``staged``, unpacked flat) or a DICOM export (``dicom``: the folder it was
+    unpacked into), and the entries not used."""
+
+    staged: list[StagedFile]
+    dicom: Path | None
+    ignored: list[str]
+
+
+def extract_zip(source: str | Path | BinaryIO, folder: Path, limit_bytes: int) -> ZipUpload:
+    """A zip with NIfTI files is one case folder (`extract_case_zip`); a zip without any is taken as a DICOM
+    export (`extract_dicom_zip`)."""
+    with open_zip(source) as archive:
+        nifti = any(is_nifti_entry(i) for i in file_entries(archive)[0])
+    if nifti:
+        staged, ignored = extract_case_zip(source, folder, limit_bytes)
+        return ZipUpload(staged, None, ignored)
+    return ZipUpload([], folder, extract_dicom_zip(source, folder, limit_bytes))
+
+
+def chosen_sequences(choices: Mapping[Hashable, str], names: Mapping[Hashable, str]) -> dict[str, Hashable]:
+    """Modality -> file (or DICOM series) from the page's choices (key -> modality or IGNORE; ``names``: what
+    the page calls each key); refused when two are set to one sequence or none is set, so the page can say so
+    before anything runs."""
+    chosen: dict[str, Hashable] = {}
+    for key, modality in choices.items():
         if modality == IGNORE:
             continue
         if modality not in MODALITIES:
-            raise NeuroMapError(f"{path.name}: unknown sequence '{modality}'; choose one of {list(MODALITIES)}.")
+            raise NeuroMapError(f"{names[key]}: unknown sequence '{modality}'; choose one of {list(MODALITIES)}.")
         if modality in chosen:
             raise NeuroMapError(
-                f"{chosen[modality].name} and {path.name} are both set to {modality}. "
+                f"{names[chosen[modality]]} and {names[key]} are both set to {modality}. "
                 f"Fix: set one of them to another sequence or to '{IGNORE}'."
             )
-        chosen[modality] = path
+        chosen[modality] = key
     if not chosen:
-        raise NeuroMapError("no file is assigned to a sequence (t1, t1ce, t2, flair). Fix: choose the sequences.")
+        raise NeuroMapError("nothing is set to a sequence (t1, t1ce, t2, flair). Fix: choose the sequences.")
     return chosen
 
 
-def build_case_folder(choices: dict[Path, str], folder: Path, case_id: str) -> Path:
-    """Copy the chosen files into ``folder`` as ``<case_id>_<modality>.nii[.gz]`` so `neuromap.segment` reads
-    them through the same case discovery as any folder. ``choices`` maps staged file -> modality or IGNORE."""
-    chosen = chosen_files(choices)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for modality, path in chosen.items():
-        suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-        shutil.copyfile(path, folder / f"{case_id}_{modality}{suffix}")
-    return folder
+def sequences_as_nifti(case: Case, modalities: list[str], folder: Path) -> dict[str, Path]:
+    """The sequences of ``case`` (a DICOM study's series) as NIfTI files in ``folder``, each on its own grid, for
+    the viewer, which reads NIfTI: int16 when the values are whole numbers in its range, else float32."""
+    import nibabel as nib
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for modality in modalities:
+        array, grid = case.layout.read_sequence(case, modality)
+        whole = np.array_equal(array, np.round(array)) and np.abs(array).max(initial=0) < 2**15
+        files[modality] = folder / f"{case.case_id}_{modality}.nii.gz"
+        nib.save(nib.Nifti1Image(array.astype(np.int16 if whole else np.float32), grid.affine), files[modality])
+    return files
 
 
 # What a web user can do instead of a command-line fix, by the flag the message names (first match wins).
 WEB_FIXES = (
+    ("--raw", "tick 'Raw scans' under the table: the app then co-registers the sequences, removes the skull and "
+              "resamples them to 1 mm."),
     ("--map", "upload the missing sequence and set each file's sequence in the table, or choose a model that needs "
               "only the sequences you have."),
     ("--model", "upload the missing sequence files, or choose (or upload) a model that needs only the sequences "

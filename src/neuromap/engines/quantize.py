@@ -42,7 +42,8 @@ def calibration_batches(model: torch.nn.Module, spec: ModelSpec, images: Iterabl
     from neuromap.inference import predict_probs
 
     recorder = _Recorder(model, keep_every)
-    cfg = InferenceConfig(slice_batch_size=slice_batch_size, device="cpu")
+    # Every slice, not only those `segment` runs with skip_slices: the ranges must cover every input it may see.
+    cfg = InferenceConfig(slice_batch_size=slice_batch_size, device="cpu", skip_slices=False)
     for image in images:
         predict_probs([(recorder, spec)], image, cfg)
     return recorder.batches

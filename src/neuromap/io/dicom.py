@@ -66,10 +66,15 @@ class Series:
     def size(self) -> str:
         return "x".join(str(n) for n in self.shape)
 
+    @property
+    def title(self) -> str:
+        """Its number and description, as a person names the series."""
+        number = self.number if self.number is not None else "?"
+        return f"#{number} '{self.description or self.protocol or '(no description)'}'"
+
     def label(self) -> str:
         """How messages name the series: number, description, size and UID."""
-        number = self.number if self.number is not None else "?"
-        return f"#{number} '{self.description or self.protocol or '(no description)'}' {self.size} {self.uid}"
+        return f"{self.title} {self.size} {self.uid}"
 
     @property
     def is_axial(self) -> bool:

@@ -29,7 +29,7 @@ from neuromap.io.dicom import (
     scan_dicom,
     study_ids,
 )
-from neuromap.io.dicom_map import map_study
+from neuromap.io.dicom_map import StudyChoice, map_study
 from neuromap.io.dicom_seg import write_dicom_seg
 from neuromap.io.layout import MAP_OUTPUTS, LabelFile, Prediction
 from neuromap.io.nifti import NiftiLayout
@@ -57,23 +57,30 @@ class DicomLayout(NiftiLayout):
         """One case per study under ``root``; ``series_map`` (modality -> UID, number or description) overrides
         the automatic choice of series (one study only)."""
         root = Path(root)
+        studies, notes = self.studies(root)
+        if series_map and len(studies) > 1:
+            raise NeuroMapError(f"{root}: holds {len(studies)} studies; --map describes one. Fix: point to one study.")
+        return [self.study_case(root, case_id, map_study(members, dict(series_map or {}), where=str(root)), notes)
+                for case_id, members in studies]
+
+    def studies(self, root: Path) -> tuple[list[tuple[str, list[Series]]], list[str]]:
+        """The image series under ``root`` grouped by study, as (case id, series in series-number order) sorted
+        by case id, and the notes on the DICOM files that are not images (skipped)."""
         series, notes = scan_dicom(root)
         if not series:
             raise NeuroMapError(f"{root}: no DICOM image series found. Fix: point to the folder of a DICOM export.")
         studies: dict[str, list[Series]] = {}
         for s in sorted(series, key=lambda s: (s.number if s.number is not None else 1 << 30, s.uid)):
             studies.setdefault(s.study_uid, []).append(s)
-        if series_map and len(studies) > 1:
-            raise NeuroMapError(f"{root}: holds {len(studies)} studies; --map describes one. Fix: point to one study.")
-        cases = []
-        named = sorted(zip(study_ids(root, studies), studies.values(), strict=True), key=lambda item: item[0])
-        for case_id, members in named:
-            choice = map_study(members, dict(series_map or {}), where=str(root))
-            choice.skipped = notes
-            images = {m: SeriesRef(Path(os.path.commonpath([p.parent for p in s.files])), series=s)
-                      for m, s in choice.used.items()}
-            cases.append(Case(case_id=case_id, root=root, images=images, layout=self, naming="dicom", study=choice))
-        return cases
+        named = zip(study_ids(root, studies), studies.values(), strict=True)
+        return sorted(named, key=lambda item: item[0]), notes
+
+    def study_case(self, root: Path, case_id: str, choice: StudyChoice, notes: list[str]) -> Case:
+        """The case of one study under ``root`` whose series were chosen as ``choice`` (`map_study`)."""
+        choice.skipped = notes
+        images = {m: SeriesRef(Path(os.path.commonpath([p.parent for p in s.files])), series=s)
+                  for m, s in choice.used.items()}
+        return Case(case_id=case_id, root=root, images=images, layout=self, naming="dicom", study=choice)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -88,16 +95,14 @@ class DicomLayout(NiftiLayout):
         self.require(case, modalities)
         if with_seg:
             raise NeuroMapError(f"DICOM study {case.root}: has no ground-truth segmentation to read.")
-        series = [case.images[m].series for m in modalities]
         reference = choice.reference(modalities)
-        off_grid = [f"{m}: {s.label()}" for m, s in zip(modalities, series, strict=True)
-                    if not same_grid(s, reference)]
-        if off_grid:
+        if off_grid := self.off_grid(case, modalities):
             raise NeuroMapError(
                 f"DICOM study {case.root}: the series are on different voxel grids (reference "
                 f"{reference.label()}; different: {'; '.join(off_grid)}). Segmenting them needs raw-scan preparation "
                 "(co-registration to the reference sequence). Fix: run with --raw, or map series acquired on one grid."
             )
+        series = [case.images[m].series for m in modalities]
         with ThreadPoolExecutor(max_workers=min(2, len(series))) as pool:
             channels = list(pool.map(read_series, series))
         findings = check_sequences(channels, modalities, [f"DICOM series {s.label()}" for s in series])
@@ -106,6 +111,13 @@ class DicomLayout(NiftiLayout):
         return Volume(case=case, image=np.stack(channels), modalities=modalities,
                       reference=reference_image(reference),
                       warnings=[*self.notes(case), *findings.warnings])
+
+    def off_grid(self, case: Case, modalities: list[str]) -> list[str]:
+        """Series whose grid differs from the reference series' (see `Layout.off_grid`)."""
+        self.require(case, modalities)
+        reference = case.study.reference(modalities)
+        return [f"{m}: {case.images[m].series.label()}" for m in modalities
+                if not same_grid(case.images[m].series, reference)]
 
     def require(self, case: Case, modalities: list[str]) -> None:
         missing = [m for m in modalities if m not in case.images]

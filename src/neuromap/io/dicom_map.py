@@ -105,6 +105,7 @@ class StudyChoice:
     ignored: dict[str, str] = field(default_factory=dict)  # series UID -> reason
     warnings: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # DICOM files that are not images, one note each
+    ambiguous: dict[str, list[Series]] = field(default_factory=dict)  # modality -> the series that tie for it
 
     def listing(self) -> str:
         """Every series, one line each: number, description, size, UID, and what became of it."""
@@ -141,46 +142,14 @@ def _matches(series: list[Series], value: str) -> list[Series]:
     return []
 
 
-def map_study(series: list[Series], overrides: dict[str, str] | None = None, where: str = "") -> StudyChoice:
-    """Choose one series per modality (overrides first); raise NeuroMapError on ties or a missing T1ce/FLAIR."""
-    choice = StudyChoice(series)
-    for key, value in (overrides or {}).items():
-        modality = canonical_modality(key)
-        found = _matches(series, str(value))
-        if len(found) != 1:
-            what = "matches no series" if not found else f"matches {len(found)} series"
-            raise NeuroMapError(f"{where}: --map {key}={value} {what}.\n{choice.listing()}\n"
-                                "Fix: give the SeriesInstanceUID, the series number or the exact description.")
-        if found[0].problem:
-            raise NeuroMapError(f"{where}: --map {key}={value}: series {found[0].label()} {found[0].problem}.")
-        choice.used[modality], choice.why[modality] = found[0], f"--map {key}={value}"
-    taken = {s.uid for s in choice.used.values()}
-    candidates: dict[str, list[tuple[Series, Verdict]]] = {}
-    for s in series:
-        if s.uid in taken:
-            continue
-        verdict = classify(s)
-        if verdict.modality is None or verdict.modality in choice.used:
-            choice.ignored[s.uid] = verdict.why if verdict.modality is None else (
-                f"looks like {verdict.modality} ({verdict.why}); --map chose another series")
-        else:
-            candidates.setdefault(verdict.modality, []).append((s, verdict))
-    ties = []
-    for modality, group in candidates.items():
-        best = [c for c in group if c[0].is_axial] or group
-        if len(best) > 1:
-            ties.append(modality)
-        chosen, verdict = best[0]
-        choice.used[modality], choice.why[modality] = chosen, verdict.why
-        tied = len(best) > 1
-        for s, other in group:
-            if s is not chosen:
-                choice.ignored[s.uid] = f"also fits {modality} ({other.why}); " + (
-                    "AMBIGUOUS" if tied and any(s is b for b, _ in best) else "the axial series was preferred")
-    choice.used = {m: choice.used[m] for m in MODALITIES if m in choice.used}
-    if ties:
-        for m in ties:
-            choice.why[m] += " - AMBIGUOUS"
+def map_study(series: list[Series], overrides: dict[str, str] | None = None, where: str = "",
+              chosen_in: str | None = None) -> StudyChoice:
+    """Choose one series per modality (overrides first); raise NeuroMapError on ties or a missing T1ce/FLAIR.
+    ``chosen_in`` (e.g. "the web app's series table"): ``overrides`` are the whole choice, made by a person there,
+    and no other series is used (the report keeps what NeuroMap read from each series)."""
+    choice = propose(series, overrides, where, chosen_in)
+    if choice.ambiguous:
+        ties = list(choice.ambiguous)
         raise NeuroMapError(
             f"{where}: several series fit {', '.join(ties)}, so the mapping is ambiguous.\n{choice.listing()}\n"
             f"Fix: choose with --map, e.g. --map {ties[0]}=SERIES_UID (or the series number or exact description)."
@@ -192,6 +161,57 @@ def map_study(series: list[Series], overrides: dict[str, str] | None = None, whe
             f"{choice.listing()}\nFix: name them with --map, e.g. --map {missing[0]}=SERIES_UID "
             "(or the series number or exact description)."
         )
+    return choice
+
+
+def propose(series: list[Series], overrides: dict[str, str] | None = None, where: str = "",
+            chosen_in: str | None = None) -> StudyChoice:
+    """What `map_study` chooses, without refusing: a tie leaves its modality in ``ambiguous`` (the first of the
+    tied series stands in ``used``) and a missing T1ce/FLAIR is simply absent, so a page can show the choice and
+    let a person settle it. An override that names no single readable series is still an error."""
+    choice = StudyChoice(series)
+    for key, value in (overrides or {}).items():
+        modality = canonical_modality(key)
+        found = _matches(series, str(value))
+        if len(found) != 1:
+            what = "matches no series" if not found else f"matches {len(found)} series"
+            raise NeuroMapError(f"{where}: --map {key}={value} {what}.\n{choice.listing()}\n"
+                                "Fix: give the SeriesInstanceUID, the series number or the exact description.")
+        if found[0].problem:
+            raise NeuroMapError(f"{where}: --map {key}={value}: series {found[0].label()} {found[0].problem}.")
+        choice.used[modality] = found[0]
+        if not chosen_in:
+            choice.why[modality] = f"--map {key}={value}"
+        elif (verdict := classify(found[0])).modality == modality:
+            choice.why[modality] = f"{verdict.why}; confirmed in {chosen_in}"
+        else:
+            choice.why[modality] = f"chosen in {chosen_in}"
+    taken = {s.uid for s in choice.used.values()}
+    candidates: dict[str, list[tuple[Series, Verdict]]] = {}
+    for s in series:
+        if s.uid in taken:
+            continue
+        verdict = classify(s)
+        if verdict.modality is None:
+            choice.ignored[s.uid] = verdict.why
+        elif chosen_in or verdict.modality in choice.used:
+            choice.ignored[s.uid] = f"looks like {verdict.modality} ({verdict.why}); " + (
+                f"not chosen in {chosen_in}" if chosen_in else "--map chose another series")
+        else:
+            candidates.setdefault(verdict.modality, []).append((s, verdict))
+    for modality, group in candidates.items():
+        best = [c for c in group if c[0].is_axial] or group
+        chosen, verdict = best[0]
+        choice.used[modality], choice.why[modality] = chosen, verdict.why
+        tied = len(best) > 1
+        if tied:
+            choice.ambiguous[modality] = [s for s, _ in best]
+            choice.why[modality] += " - AMBIGUOUS"
+        for s, other in group:
+            if s is not chosen:
+                choice.ignored[s.uid] = f"also fits {modality} ({other.why}); " + (
+                    "AMBIGUOUS" if tied and any(s is b for b, _ in best) else "the axial series was preferred")
+    choice.used = {m: choice.used[m] for m in MODALITIES if m in choice.used}
     absent = [m for m in MODALITIES if m not in choice.used]
     if absent:
         choice.warnings.append(f"DICOM study: no series recognised as {', '.join(absent)}, so only models reading "

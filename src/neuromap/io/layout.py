@@ -109,6 +109,12 @@ class Layout:
         checked; layouts whose loading does more than reading (raw scans: registration) check less."""
         return self.load(case, modalities).warnings
 
+    def off_grid(self, case: Case, modalities: list[str]) -> list[str]:
+        """The sequences among ``modalities`` that lie on another voxel grid than the reference one, one line
+        each (headers only, no voxels read): raw scans, which `load` refuses with the fix (``--raw``) and the
+        web app offers to prepare. Empty for layouts without grids to compare."""
+        return []
+
     def require(self, case: Case, modalities: list[str]) -> None:
         """Raise the user's message when ``case`` lacks any of ``modalities``."""
         missing = [m for m in modalities if m not in case.images]

@@ -178,17 +178,14 @@ class NiftiLayout(Layout):
         self.require(case, modalities)
         refs = [case.images[m] for m in modalities]
         check_distinct_files(dict(zip(modalities, refs, strict=True)))
-        headers = [open_nifti(r, f"{m} image") for r, m in zip(refs, modalities, strict=True)]
-        first_ref, first = refs[0], headers[0]
-        shape0 = spatial_shape(first, first_ref)
-        off_grid = []
+        headers = self._headers(case, modalities)
+        first = headers[0]
+        shape0 = spatial_shape(first, refs[0])
         for ref, img in zip(refs, headers, strict=True):
             shape = spatial_shape(img, ref)
             if len(shape) != 3:
                 problems.append(f"{ref}: image is {len(shape)}D with shape {shape}; a 3D volume is required.")
-            elif difference := grid_difference(img, first, shape, shape0, AFFINE_TOLERANCE):
-                off_grid.append(f"{ref}: voxel grid differs from {first_ref.path.name}: {difference}")
-        if off_grid:
+        if off_grid := _off_grid(refs, headers):
             problems.append(
                 f"case '{case.case_id}' ({case.root}): the sequences are on different voxel grids (raw scans, not "
                 "co-registered):\n  " + "\n  ".join(off_grid) + "\nFix: run with --raw (co-registration, brain "
@@ -236,6 +233,15 @@ class NiftiLayout(Layout):
             raise NeuroMapError("\n".join(problems))
         return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
                       reference=first, seg=seg, brain_mask=brain_mask, warnings=findings.warnings)
+
+    def off_grid(self, case: Case, modalities: list[str]) -> list[str]:
+        """3D sequences whose grid differs from the first one's (see `Layout.off_grid`)."""
+        self.require(case, modalities)
+        return _off_grid([case.images[m] for m in modalities], self._headers(case, modalities))
+
+    @staticmethod
+    def _headers(case: Case, modalities: list[str]) -> list[nib.Nifti1Image]:
+        return [open_nifti(case.images[m], f"{m} image") for m in modalities]
 
     def read_sequence(self, case: Case, modality: str) -> tuple[np.ndarray, nib.Nifti1Image]:
         self.require(case, [modality])
@@ -345,3 +351,15 @@ class NiftiLayout(Layout):
             )
             arrays.append(labels)
         return LabelPair(arrays[0], arrays[1], spacing, conventions)
+
+
+def _off_grid(refs: list[ImageRef], headers: list[nib.Nifti1Image]) -> list[str]:
+    """One line per 3D image whose voxel grid differs from the first image's (non-3D images are refused apart)."""
+    first_ref, first = refs[0], headers[0]
+    shape0 = spatial_shape(first, first_ref)
+    lines = []
+    for ref, img in zip(refs, headers, strict=True):
+        shape = spatial_shape(img, ref)
+        if len(shape) == 3 and (difference := grid_difference(img, first, shape, shape0, AFFINE_TOLERANCE)):
+            lines.append(f"{ref}: voxel grid differs from {first_ref.path.name}: {difference}")
+    return lines

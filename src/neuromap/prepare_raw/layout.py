@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -31,17 +32,25 @@ from neuromap.prepare_raw.pipeline import RawOptions, RawPreparation, RawVolume,
 BRAIN_MASK = "brain_mask.nii.gz"
 
 
-def as_raw(case: Case, options: RawOptions, modalities: list[str] | None = None) -> Case:
+def prepared_key(modality: str) -> str:
+    """The output name of a co-registered sequence (``--save-prepared``), as `SegmentResult.files` holds it."""
+    return f"{modality}_prepared.nii.gz"
+
+
+def as_raw(case: Case, options: RawOptions, modalities: list[str] | None = None,
+           on_step: Callable[[str], None] | None = None) -> Case:
     """``case`` read as raw scans: the same files, a `RawLayout` over the layout that found them. ``modalities``
-    are the sequences the model reads (they name the ``--save-prepared`` files); default: the case's."""
-    return dataclasses.replace(case, layout=RawLayout(case.layout, options, modalities))
+    are the sequences the model reads (they name the ``--save-prepared`` files); default: the case's. ``on_step``
+    hears each preparation step as it starts (`prepare_raw`)."""
+    return dataclasses.replace(case, layout=RawLayout(case.layout, options, modalities, on_step))
 
 
 class RawLayout(Layout):
     """See the module docstring. One per case and model: ``base`` is the layout that found the case."""
 
-    def __init__(self, base: Layout, options: RawOptions, modalities: list[str] | None = None) -> None:
-        self.base, self.options, self.modalities = base, options, modalities
+    def __init__(self, base: Layout, options: RawOptions, modalities: list[str] | None = None,
+                 on_step: Callable[[str], None] | None = None) -> None:
+        self.base, self.options, self.modalities, self.on_step = base, options, modalities, on_step
         self.name = f"{base.name} (raw)"
         self.description = base.description
         self.task = base.task
@@ -57,7 +66,7 @@ class RawLayout(Layout):
         modalities = list(modalities or self.modalities or case.modalities)
         if with_seg:
             raise NeuroMapError(f"case '{case.case_id}': raw scans are segmented, not used as ground truth.")
-        return prepare_raw(case, modalities, self.options, self.base).volume
+        return prepare_raw(case, modalities, self.options, self.base, self.on_step).volume
 
     def check(self, case: Case, modalities: list[str] | None = None) -> list[str]:
         """Each sequence read and checked alone, without registration or brain extraction."""
@@ -78,7 +87,7 @@ class RawLayout(Layout):
         files = {BRAIN_MASK: out / f"{case.case_id}_{BRAIN_MASK}"} if self.options.save_brain_mask else {}
         if self.options.save_prepared:
             for m in self.modalities or case.modalities:
-                files[f"{m}_prepared.nii.gz"] = out / f"{case.case_id}_{m}_prepared.nii.gz"
+                files[prepared_key(m)] = out / f"{case.case_id}_{prepared_key(m)}"
         return files
 
     def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
@@ -95,7 +104,7 @@ class RawLayout(Layout):
             mask = uint8_image(prep.brain_mask_on_reference(), prep.reference_image)
             nib.save(mask, str(stack.enter_context(atomic_path(files[BRAIN_MASK], overwrite))))
         for m, image in (prep.prepared_images().items() if self.options.save_prepared else ()):
-            nib.save(image, str(stack.enter_context(atomic_path(files[f"{m}_prepared.nii.gz"], overwrite))))
+            nib.save(image, str(stack.enter_context(atomic_path(files[prepared_key(m)], overwrite))))
 
     def picture(self, prediction: Prediction, background: np.ndarray, title: str,
                 radiological: bool = True) -> tuple[bytes, list[str]]:

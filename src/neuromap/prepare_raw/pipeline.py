@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -106,15 +106,17 @@ class RawVolume(Volume):
     preparation: RawPreparation
 
 
-def prepare_raw(case: Case, modalities: list[str], options: RawOptions, layout: Layout) -> RawPreparation:
+def prepare_raw(case: Case, modalities: list[str], options: RawOptions, layout: Layout,
+                on_step: Callable[[str], None] | None = None) -> RawPreparation:
     """Run the raw-scan steps for the sequences a model reads, reading them through ``layout`` (the one that
-    found the case); see the module docstring."""
+    found the case); see the module docstring. ``on_step`` hears each step as it starts ("read", "register",
+    "resample", "brain_mask", "quality", "n4"), e.g. for the web app's progress bar."""
     import SimpleITK as sitk
 
     if options.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(options.threads)
     prep = RawPreparation(case, options, choose_reference(modalities, options.reference))
-    clock = functools.partial(_timed, prep.timings, prep.cpu_seconds)
+    clock = functools.partial(_timed, prep.timings, prep.cpu_seconds, on_step or (lambda step: None))
 
     with clock("read_s"):
         prep.sequences = read_sequences(case, modalities, layout)
@@ -180,9 +182,12 @@ def _check_mask(prep: RawPreparation, mask: np.ndarray, options: RawOptions) -> 
 
 
 @contextlib.contextmanager
-def _timed(timings: dict[str, float], cpu: dict[str, float], name: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], cpu: dict[str, float], on_step: Callable[[str], None],
+           name: str) -> Iterator[None]:
     """Add the wall time of the ``with`` block to ``timings[name]`` and the process CPU time (all threads) to
-    ``cpu[name]``: on a shared machine the wall time says what the user waited, the CPU time what the step costs."""
+    ``cpu[name]``: on a shared machine the wall time says what the user waited, the CPU time what the step costs.
+    ``on_step`` hears the step's name (without the ``_s``) first."""
+    on_step(name.removesuffix("_s"))
     t0, c0 = time.perf_counter(), time.process_time()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
