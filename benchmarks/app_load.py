@@ -11,7 +11,8 @@ shows "Done: <its case>". Measured:
     minute of the server's CPU time (user + system, all its threads, from /proc: the work itself, which a busy
     machine does not inflate as it inflates wall time);
   - each user's wait, Segment to Done, and the places in the queue the pages showed right after Segment;
-  - the server's peak resident memory (VmHWM of the Streamlit process) over the wave and its warm-up;
+  - the server's peak resident memory (VmHWM of the Streamlit process) over the wave and its warm-up, and its
+    resident memory once every page shows its result (all sessions open) and after the tabs are closed;
   - that every page got its own case (the result heading names it) and that no session folder is left once the
     tabs are closed (the server still running).
 The browser does not load the NiiVue viewer (its component route is blocked: on a machine without a GPU it draws
@@ -133,12 +134,15 @@ def wave(browser, server: Server, cases: list[Path]) -> dict:
     wall, cpu = max(done.values()), server.cpu_s() - cpu0
     own = all(page.get_by_text(f"Result: {case.name}").count() == 1 for case, (_, page) in zip(cases, users,
                                                                                               strict=True))
+    rss_open = server.memory_mb("VmRSS")
     for context, _ in users:
         context.close()
     deadline = time.monotonic() + 60
     while server.session_folders() and time.monotonic() < deadline:
         time.sleep(0.5)
+    time.sleep(5)
     return {"users": len(cases), "cases": [c.name for c in cases], "wall_s": round(wall, 1),
+            "rss_results_open_mb": round(rss_open, 1), "rss_tabs_closed_mb": round(server.memory_mb("VmRSS"), 1),
             "server_cpu_s": round(cpu, 1), "cases_per_min": round(60 * len(cases) / wall, 2),
             "cases_per_server_cpu_min": round(60 * len(cases) / cpu, 2),
             "done_after_s": {k: round(v, 1) for k, v in done.items()}, "shown_after_segment": places,
