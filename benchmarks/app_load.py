@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from machine import cpu_info, load_now
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, free_port, healthy  # noqa: E402  (the browser test's setup)
+from test_app_browser import CHROMIUM, CHROMIUM_ARGS, app_process  # noqa: E402  (the browser test's setup)
 
 DATA = ROOT.parent / "shared" / "data" / "brats2018"
 RESULT = ROOT / "benchmarks" / "results" / "app_load.json"
@@ -72,29 +71,10 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(tmp: Path, workers: int) -> Iterator[Server]:
-    port = free_port()
-    log = (tmp / "server.log").open("w")
     server_tmp = tmp / "server-tmp"
     server_tmp.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "neuromap", "app", "--port", str(port), "--workers",
-                                str(workers)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "TMPDIR": str(server_tmp)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while not healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not start:\n{(tmp / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with app_process(["--workers", str(workers)], tmp / "server.log", server_tmp, 300) as (url, process):
         yield Server(url, process, server_tmp)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 def open_user(browser, url: str, case: Path):

@@ -10,9 +10,13 @@ the model's own estimate.
   settings, in each case's own grid after the product's own steps (``neuromap.postprocess``), as `segment` does;
   scored on the task's headline structures (WT/TC/ET for BraTS, abnormality for LGG slice stacks, where "largest
   only" is Buda et al.'s protocol: the largest 3D component, Dice per patient over the slice stack).
+- ``--choice tta``: the single pass against the mean with the left-right mirrored pass (the pass the quality
+  estimate runs anyway) and against every in-plane flip (``--tta``), in each case's own grid after the default
+  postprocessing.
 
     python scripts/oof_choices.py runs/brats_unet25d --choice postprocess --folds 0 1 2 3 4
     python scripts/oof_choices.py runs/lgg_unet2d_cv --choice postprocess --data ../shared/data/lgg_kaggle_3m
+    python scripts/oof_choices.py runs/arch_resunet --choice tta
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from neuromap.labels import REGIONS
 from neuromap.metrics import binary_case_metrics
 from neuromap.postprocess import postprocess
 from neuromap.preprocess import Prepared, prepare
+from neuromap.quality import LEFT_RIGHT
 from neuromap.tasks import task_of
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
@@ -52,11 +57,13 @@ POSTPROCESS = {
     "ET < 0.5 mL": {"et_min_ml": 0.5},
     "ET < 1 mL": {"et_min_ml": 1.0},
 }
+TTA = ("single pass", "mean with left-right mirror", "every in-plane flip (--tta)")
 
 
-def held_out_predictions(run: Path, folds: list[int], data: Path) -> Iterator[tuple[Volume, Prepared, torch.Tensor,
-                                                                                   ModelSpec]]:
-    """(volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out case."""
+def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = False) -> Iterator[
+        tuple[Volume, Prepared, dict[str, torch.Tensor], ModelSpec]]:
+    """(volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out case; the
+    probabilities by name: the single pass, and with ``tta`` the other entries of ``TTA``."""
     cases = {c.case_id: c for c in discover_cases(data)}
     for fold in folds:
         model, spec = load_model(run / f"fold_{fold}" / "best.pt")
@@ -65,7 +72,13 @@ def held_out_predictions(run: Path, folds: list[int], data: Path) -> Iterator[tu
             prepared = prepare(volume, spec.preprocess)
             # Every slice: thresholds other than the default's 0.5 are scored here, and the skip decides which
             # slices run at 0.5 (`neuromap.inference.near_tumour`).
-            probs = predict_probs([(model, spec)], prepared.image, InferenceConfig(skip_slices=False))
+            single = InferenceConfig(skip_slices=False)
+            probs = {TTA[0]: predict_probs([(model, spec)], prepared.image, single)}
+            if tta:
+                mirrored = np.ascontiguousarray(np.flip(prepared.image, LEFT_RIGHT))
+                flipped = predict_probs([(model, spec)], mirrored, single).flip(LEFT_RIGHT)
+                probs[TTA[1]] = (probs[TTA[0]] + flipped) / 2
+                probs[TTA[2]] = predict_probs([(model, spec)], prepared.image, single.model_copy(update={"tta": True}))
             yield volume, prepared, probs, spec
 
 
@@ -76,14 +89,15 @@ def _dice(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
-    parser.add_argument("--choice", choices=("thresholds", "postprocess"), required=True)
+    parser.add_argument("--choice", choices=("thresholds", "postprocess", "tta"), required=True)
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/brats2018"))
     args = parser.parse_args()
-    candidates = THRESHOLDS if args.choice == "thresholds" else tuple(POSTPROCESS)
+    candidates = {"thresholds": THRESHOLDS, "postprocess": tuple(POSTPROCESS), "tta": TTA}[args.choice]
     scores: dict[str, dict] = {}
-    for volume, prepared, probs, spec in held_out_predictions(args.run, args.folds, args.data):
+    for volume, prepared, passes, spec in held_out_predictions(args.run, args.folds, args.data, args.choice == "tta"):
         task = task_of(spec)
+        probs = passes[TTA[0]]
         if args.choice == "thresholds":
             if task.out != "regions":
                 raise SystemExit(f"{args.run}: --choice thresholds needs a region-output (WT/TC/ET) model.")
@@ -93,12 +107,17 @@ def main() -> None:
                     scores.setdefault(region, {}).setdefault(t, []).append(
                         _dice(probs[index].numpy() > t, truth, prepared.spacing))
             continue
-        raw = labels_in_input_grid(probs, prepared.inverse, task)
         structures = [s for s in task.structures if s.key in task.headline]
         voxel_ml = volume.voxel_ml if volume.spacing_known else None  # as `segment`: voxels when unknown
-        for name, change in POSTPROCESS.items():
-            steps = () if change is None else task.postprocess_steps()
-            labels, _ = postprocess(raw, voxel_ml, InferenceConfig(**(change or {})), steps)
+        if args.choice == "tta":  # each way of passing, then the default postprocessing
+            outputs = {name: postprocess(labels_in_input_grid(p, prepared.inverse, task), voxel_ml, InferenceConfig(),
+                                         task.postprocess_steps())[0] for name, p in passes.items()}
+        else:
+            raw = labels_in_input_grid(probs, prepared.inverse, task)
+            outputs = {name: postprocess(raw, voxel_ml, InferenceConfig(**(change or {})),
+                                         () if change is None else task.postprocess_steps())[0]
+                       for name, change in POSTPROCESS.items()}
+        for name, labels in outputs.items():
             for s in structures:
                 scores.setdefault(s.key, {}).setdefault(name, []).append(
                     _dice(np.isin(labels, s.labels), np.isin(volume.seg, s.labels), volume.spacing))

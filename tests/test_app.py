@@ -675,11 +675,12 @@ def test_raw_study_gets_raw_preparation_ticked_and_is_segmented_on_its_t1ce_grid
     assert not app.exception and not app.error, text_of(app.error)
 
     files = downloads(app, media)
+    uncertainty = "Uncertainty map (NIfTI, input grid, 0-255)"
     assert sorted(files) == ["Brain mask (NIfTI, input grid)", "Label map (NIfTI, input grid)", "Overlay (PNG)",
-                             "Report (JSON)"]
+                             "Report (JSON)", uncertainty]
     (t1ce,) = RAW.glob("*_t1c.nii.gz")
     reference = nib.load(t1ce)
-    for label in ("Label map (NIfTI, input grid)", "Brain mask (NIfTI, input grid)"):
+    for label in ("Label map (NIfTI, input grid)", "Brain mask (NIfTI, input grid)", uncertainty):
         image = nib.Nifti1Image.from_bytes(gzip.decompress(files[label]))
         assert image.shape == reference.shape and np.array_equal(image.affine, reference.affine), label
     report = json.loads(files["Report (JSON)"])

@@ -54,32 +54,39 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(tmp_path: Path, server_tmp: Path) -> Iterator[str]:
-    """``neuromap app`` on a free port with the tiny checkpoint and its own TMPDIR; always stopped (the CLI
-    forwards SIGTERM to Streamlit; the whole process group is killed if that hangs)."""
-    model = tiny_checkpoint(tmp_path / "tiny.pt")
+def app_process(options: list[str], log_path: Path, server_tmp: Path,
+                start_timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``neuromap app OPTIONS`` on a free port in its own process group and TMPDIR, once it answers its health
+    check: (url, process); always stopped (the CLI forwards SIGTERM to Streamlit; the whole process group is killed
+    if that hangs). The browser tests and ``benchmarks/app_load.py`` start their servers here."""
     port = free_port()
-    log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "neuromap", "app", "--port", str(port), "--model", str(model)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(server_tmp)},
-        )
+        process = subprocess.Popen([sys.executable, "-m", "neuromap", "app", "--port", str(port), *options],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "TMPDIR": str(server_tmp)})
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + start_timeout_s
             while not healthy(url):
                 if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the app did not start:\n{log_path.read_text()}")
+                    raise RuntimeError(f"the app did not start:\n{log_path.read_text()}")
                 time.sleep(0.5)
-            yield url
+            yield url, process
         finally:
             process.terminate()
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@contextlib.contextmanager
+def running_app(tmp_path: Path, server_tmp: Path) -> Iterator[str]:
+    """The app with the tiny checkpoint (fast enough for a browser test on a busy machine)."""
+    model = tiny_checkpoint(tmp_path / "tiny.pt")
+    with app_process(["--model", str(model)], tmp_path / "server.log", server_tmp, 60) as (url, _):
+        yield url
 
 
 def healthy(url: str) -> bool:

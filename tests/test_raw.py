@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import BRATS, SHARED_DATA, needs_real_data
+from scipy import ndimage
 
 from neuromap.cli import main
 from neuromap.errors import NeuroMapError
@@ -102,8 +103,6 @@ def test_nmi_is_higher_when_aligned():
     a = rng.normal(size=(40, 40, 40)).cumsum(axis=0)
     mask = np.ones(a.shape, bool)
     assert nmi(a, -a, mask) > 1.9 and nmi(a, rng.permutation(a.ravel()).reshape(a.shape), mask) < 1.05
-    from scipy import ndimage
-
     smooth = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 2)  # structure a few voxels wide
     assert sharpness(smooth, smooth ** 2, mask)["sharpness"] > 0.9  # aligned: a 5-voxel move loses nearly all
     assert sharpness(smooth, np.roll(smooth, 5, axis=0), mask)["sharpness"] < 0  # 5 voxels off: a move can gain
@@ -162,10 +161,10 @@ def test_raw_refuses_slice_folders_and_gives_no_outputs(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def raw_run(misaligned, tmp_path_factory):
-    """The misaligned case segmented with --raw (skull-stripped inputs: no deepbet), files saved."""
+    """The misaligned case segmented with --raw (skull-stripped inputs: no deepbet), files and maps saved."""
     out = tmp_path_factory.mktemp("raw_out")
     options = RawOptions(skull_stripped=True, save_prepared=True, save_brain_mask=True)
-    return segment(misaligned["folder"], out, raw=options)[0]
+    return segment(misaligned["folder"], out, raw=options, uncertainty=True, probabilities=True)[0]
 
 
 @needs_real_data
@@ -194,6 +193,28 @@ def test_misaligned_thick_slices_are_registered_back(misaligned, raw_run):
     assert brain.shape == reference_file.shape and np.array_equal(brain.affine, reference_file.affine)
     flair = nib.load(raw_run.files["flair_prepared.nii.gz"])
     assert np.allclose(flair.header.get_zooms(), 1.0) and "research use only" in str(flair.header["descrip"])
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_raw_maps_are_on_the_reference_grid_and_agree_with_the_labels(misaligned, raw_run):
+    """--uncertainty and --probabilities with --raw: computed on the 1 mm working grid, written on the reference
+    sequence's thick-slice grid like the labels; the whole-tumour probability says what the labels say, and the
+    model is unsure at the tumour's border, not far from it."""
+    reference_file = nib.load(misaligned["folder"] / "Moved_t1ce.nii.gz")
+    labels = np.asarray(nib.load(raw_run.files["seg.nii.gz"]).dataobj)
+    uncertainty = nib.load(raw_run.files["uncertainty.nii.gz"])
+    probabilities = nib.load(raw_run.files["probabilities.nii.gz"])
+    assert uncertainty.shape == reference_file.shape and np.array_equal(uncertainty.affine, reference_file.affine)
+    assert probabilities.shape == (*reference_file.shape, 3) and uncertainty.get_data_dtype() == np.uint8
+    assert raw_run.report["probability_maps"]["channels"] == ["WT", "TC", "ET"]
+    wt = np.asarray(probabilities.dataobj)[..., 0] >= 128
+    tumour = labels > 0
+    assert tumour.sum() > 1000 and 2 * (wt & tumour).sum() / (wt.sum() + tumour.sum()) > 0.9
+    values = np.asarray(uncertainty.dataobj).astype(float)
+    border = tumour ^ ndimage.binary_erosion(tumour)
+    far = ~ndimage.binary_dilation(tumour, iterations=5)
+    assert values[border].mean() > 4 * values[far].mean() and values[border].mean() > 40
 
 
 @needs_real_data

@@ -291,10 +291,9 @@ def sequence_table(rows: list[Row], headers: list[tuple[str, float]]) -> dict[Ha
 def cached_segmenter(model: str | None, tta: bool, raw: RawOptions | None, dicom_seg: bool) -> Segmenter:
     """One Segmenter per model choice and options, shared across reruns and sessions, so a model is loaded once
     (and again only when its file changes, e.g. a new upload under the same name). It also writes the
-    uncertainty map (no extra model pass), which the viewer overlays and the downloads offer; not for raw scans,
-    whose map would lie on the 1 mm working grid rather than the labels' (the CLI refuses it there too)."""
-    return Segmenter(model, InferenceConfig(tta=tta, uncertainty=raw is None), OUTPUT_LABELS, dicom_seg=dicom_seg,
-                     raw=raw)
+    uncertainty map (no extra model pass), which the viewer overlays and the downloads offer; for raw scans on the
+    reference sequence's grid, like the labels."""
+    return Segmenter(model, InferenceConfig(tta=tta, uncertainty=True), OUTPUT_LABELS, dicom_seg=dicom_seg, raw=raw)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

@@ -337,7 +337,7 @@ class Segmenter:
         single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device,
                               spacing=spacing)
         quality = assess(read.prepared, probs, single_pass, cfg.tta, internal, output_volume, spec, task)
-        maps = map_images(probs, inverse, task, volume.reference, requested_maps(cfg))
+        maps = layout.output_maps(volume, map_images(probs, inverse, task, volume.reference, requested_maps(cfg)))
         timings["quality_s"] = time.perf_counter() - t1
         report = case_report(output_volume, spec, task, read.model_files, cfg, convention, internal, warnings,
                              str(self.device), engine_name(models[0][0]),

@@ -142,6 +142,11 @@ class Layout:
         as they are; raw-scan preparation maps its 1 mm working grid back to the reference sequence's grid."""
         return volume, internal
 
+    def output_maps(self, volume: Volume, maps: dict[str, nib.Nifti1Image]) -> dict[str, nib.Nifti1Image]:
+        """The uncertainty/probability maps on the output grid, from the maps on the loaded volume's grid (the same
+        grid for every layout that reads cases as they are)."""
+        return maps
+
     def output_files(self, case: Case, out: Path, optional: tuple[str, ...] = ()) -> dict[str, Path]:
         """The outputs by name (``label_key``, "report.json", "overlay.png" and the requested ``optional`` ones),
         as `SegmentResult.files` gives them."""

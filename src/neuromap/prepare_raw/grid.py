@@ -83,11 +83,21 @@ def resample(image, grid, transform=None, linear: bool = True, default: float = 
 
 def labels_to_reference(labels: np.ndarray, grid, reference) -> np.ndarray:
     """Labels on the working grid -> the reference grid (nearest neighbour at the reference voxel centres)."""
+    return to_array(resample(_on(grid, np.asarray(labels, dtype=np.uint8)), reference, linear=False))
+
+
+def values_to_reference(values: np.ndarray, grid, reference) -> np.ndarray:
+    """A map of values on the working grid (X, Y, Z) -> the reference grid, linearly interpolated (float32)."""
+    return to_array(resample(_on(grid, np.asarray(values, dtype=np.float32)), reference, linear=True))
+
+
+def _on(grid, array: np.ndarray):
+    """An (X, Y, Z) array as a SimpleITK image with ``grid``'s geometry."""
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(labels, dtype=np.uint8).transpose(2, 1, 0)))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.CopyInformation(grid)
-    return to_array(resample(image, reference, linear=False))
+    return image
 
 
 def nifti_on(grid, array: np.ndarray, dtype=np.float32, descrip: str = "") -> nib.Nifti1Image:

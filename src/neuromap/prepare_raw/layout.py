@@ -25,7 +25,7 @@ from neuromap.errors import NeuroMapError
 from neuromap.export import uint8_image
 from neuromap.io.atomic import atomic_path
 from neuromap.io.case import Case, Volume
-from neuromap.io.layout import MAP_OUTPUTS, Layout, Prediction
+from neuromap.io.layout import Layout, Prediction
 from neuromap.prepare_raw.inputs import read_sequences
 from neuromap.prepare_raw.pipeline import RawOptions, RawPreparation, RawVolume, prepare_raw
 
@@ -57,8 +57,7 @@ class RawLayout(Layout):
         self.scored_as = ()
         self.label_key = base.label_key
         self.spacing_known = base.spacing_known
-        # Not the uncertainty/probability maps: they are computed on the 1 mm working grid, not the reference's own
-        self.optional_outputs = tuple(k for k in base.optional_outputs if k not in MAP_OUTPUTS)
+        self.optional_outputs = base.optional_outputs  # the maps are brought to the reference grid (output_maps)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -80,6 +79,15 @@ class RawLayout(Layout):
         on_reference = RawVolume(case=volume.case, image=sequence.array[None], modalities=[prep.reference],
                                  reference=prep.reference_image, warnings=volume.warnings, preparation=prep)
         return on_reference, prep.to_reference(internal)
+
+    def output_maps(self, volume: RawVolume, maps: dict[str, nib.Nifti1Image]) -> dict[str, nib.Nifti1Image]:
+        """The maps, computed on the 1 mm working grid, on the reference sequence's grid and header: linear
+        interpolation of the uint8 codes (the encoding stays value / 255), as the labels take nearest neighbour."""
+        prep = volume.preparation
+        return {key: uint8_image(np.rint(np.clip(prep.values_to_reference(np.asarray(image.dataobj, np.float32)),
+                                                 0, 255)), prep.reference_image,
+                                 image.header["descrip"].item().decode("ascii", "replace"))
+                for key, image in maps.items()}
 
     # ------------------------------------------------------------------------------------- outputs
 

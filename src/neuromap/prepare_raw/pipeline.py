@@ -71,6 +71,12 @@ class RawPreparation:
         self.working_labels = internal
         return grid.labels_to_reference(internal, self._grid, self._reference_grid)
 
+    def values_to_reference(self, values: np.ndarray) -> np.ndarray:
+        """A working-grid map (X, Y, Z), or several with channels last -> the reference grid (linear)."""
+        if values.ndim == 3:
+            return grid.values_to_reference(values, self._grid, self._reference_grid)
+        return np.stack([self.values_to_reference(values[..., k]) for k in range(values.shape[-1])], axis=-1)
+
     def brain_mask_on_reference(self) -> np.ndarray:
         return grid.labels_to_reference(self.volume.brain_mask, self._grid, self._reference_grid).astype(np.uint8)
 
