@@ -4,6 +4,7 @@ positions and volumes; `result.show()` in a notebook (ipyniivue widget, static P
 
 from __future__ import annotations
 
+import gzip
 import io
 import sys
 from pathlib import Path
@@ -61,9 +62,51 @@ def test_result_show_is_a_niivue_widget_in_the_task_colours(segmented):
     assert isinstance(widget, ipyniivue.NiiVue) and neuromap.show(result, radiological=False) is not None
     assert widget.opts.is_radiological_convention and widget.opts.show_all_orientation_markers
     assert Path(widget.volumes[0].path) == case / "Nb1_flair.nii.gz"
-    assert widget.volumes[1].name == "labels.nii" and widget.volumes[1].data == result.labels.to_bytes()
+    assert widget.volumes[1].name == "labels.nii.gz"
+    assert gzip.decompress(widget.volumes[1].data) == result.labels.to_bytes()
     lut = widget.volumes[1].colormap_label
     assert list(lut.lut[4 * 4:4 * 4 + 3]) == [255, 217, 0]  # label 4 (ET) drawn in the overlay's yellow
+
+
+def test_niivue_widget_opens_with_its_whole_state(segmented, monkeypatch):
+    """The browser gets the volumes, the label colours and the crosshair in the messages that create the widgets:
+    anywidget's front end drops later messages to a widget whose module loaded slowly (notebook.niivue_widget), so
+    a widget opened empty and filled afterwards stays at "loading ..." (drawn in JupyterLab:
+    test_notebook_browser.py)."""
+    pytest.importorskip("ipyniivue")
+    import comm
+
+    opened = []
+    real_create = comm.create_comm
+    monkeypatch.setattr(comm, "create_comm", lambda **kwargs: opened.append(kwargs) or real_create(**kwargs))
+    _, (result,) = segmented
+    widget = result.show()
+    (viewer,) = [kwargs["data"]["state"] for kwargs in opened if "volumes" in kwargs["data"]["state"]]
+    assert viewer["volumes"] == [f"IPY_MODEL_{volume.model_id}" for volume in widget.volumes]
+    states = {kwargs.get("comm_id"): kwargs["data"]["state"] for kwargs in opened}
+    assert viewer["this_model_id"] == widget.model_id
+    assert viewer["opts"]["isRadiologicalConvention"] is True
+    assert viewer["scene"]["crosshairPos"] == widget.scene.crosshair_pos != [0.5, 0.5, 0.5]
+    labels = states[widget.volumes[1].model_id]
+    assert labels["name"] == "labels.nii.gz" and labels["id"] and labels["colormap_label"]
+    assert opened[-1]["comm_id"] == widget.model_id  # the viewer opens last, after the volumes it names
+
+
+def test_crosshair_starts_at_the_tumour_centre_in_niivue_fractions(segmented):
+    """NiiVue's crosshairPos: fractions of the background volume's extent along R, A, S (voxel centres at
+    (i + 0.5) / n); checked against nibabel's RAS reorientation for the fixture's flipped (-1, -1, 2 mm) grid."""
+    import nibabel as nib
+
+    from neuromap.notebook import crosshair_fraction, result_scene
+
+    _, (result,) = segmented
+    scene = result_scene(result)
+    flair = scene.sequences["flair"]
+    fraction = np.array(crosshair_fraction(scene.start_mm, flair))
+    ras = nib.as_closest_canonical(nib.load(flair))
+    voxel = fraction * np.array(ras.shape[:3]) - 0.5
+    assert np.allclose((ras.affine @ [*voxel, 1.0])[:3], scene.start_mm, atol=1e-6)
+    assert np.all((fraction > 0) & (fraction < 1))
 
 
 def test_show_falls_back_to_the_overlay_png(segmented, monkeypatch, tmp_path, tiny_checkpoint):

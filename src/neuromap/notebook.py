@@ -4,7 +4,8 @@ With ipyniivue installed (``pip install 'neuromap[app]'``) this is the same NiiV
 widget: the sequences and the label map in their own grid, linked multiplanar views with crosshair, the task's
 label colours, radiological convention by default, orientation letters on all sides and a 3D render tile. Without
 it, or when the result's sequences are not NIfTI files on disk, the static overlay picture is shown instead.
-What is shown comes from `neuromap.viewer`, shared with the web app.
+What is shown comes from `neuromap.viewer`, shared with the web app. tests/test_notebook_browser.py draws it in
+JupyterLab (headless Chromium) and checks the pixels.
 """
 
 from __future__ import annotations
