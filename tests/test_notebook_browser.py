@@ -88,6 +88,10 @@ def jupyter_lab(root: Path, state: Path, log_path: Path, start_timeout_s: float,
     (folders["config"] / "labconfig").mkdir()
     (folders["config"] / "labconfig" / "page_config.json").write_text(json.dumps(
         {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    # No websocket pings: a browser busy loading the widget on a loaded 2-core machine once left them unanswered
+    # for 2 min and the server closed the kernel's connection (the outputs were lost).
+    (folders["config"] / "jupyter_server_config.json").write_text(json.dumps(
+        {"ServerApp": {"tornado_settings": {"ws_ping_interval": 0}}}))
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(folders["config"]), "JUPYTER_DATA_DIR": str(folders["data"]),
            "JUPYTER_RUNTIME_DIR": str(folders["runtime"]), "IPYTHONDIR": str(folders["ipython"]),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
