@@ -70,9 +70,8 @@ def forward_flops(model, shape: tuple[int, ...]) -> int:
 def slice_model_flops(model, spec, in_plane: tuple[int, int], slices: int) -> int:
     """FLOPs of a 2D/2.5D model over ``slices`` axial slices of ``in_plane`` size, padded to the network's
     divisor as inference pads them."""
-    from neuromap.models import required_divisor
 
-    divisor = required_divisor(spec.model)
+    divisor = spec.divisor
     x, y = (-(-s // divisor) * divisor for s in in_plane)
     return forward_flops(model, (1, spec.preprocess.in_channels, x, y)) * slices
 

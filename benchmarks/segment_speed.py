@@ -72,14 +72,13 @@ def monai_transform(spec):
     """The MONAI pre-transforms of the reference (module docstring), invertible by Invertd."""
     from monai import transforms as mt
 
-    from neuromap.models import required_divisor
 
     keys = spec.modalities
     return mt.Compose([
         mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.ConcatItemsd(keys, "image"),
         mt.Orientationd("image", axcodes="RAS"), mt.Spacingd("image", pixdim=spec.preprocess.spacing),
         mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-        mt.DivisiblePadd("image", k=(required_divisor(spec.model),) * 2 + (1,)),
+        mt.DivisiblePadd("image", k=(spec.divisor,) * 2 + (1,)),
     ])
 
 

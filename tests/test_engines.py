@@ -4,7 +4,11 @@ missing-package error, and engines behaving like the model they replace (dynamic
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -141,3 +145,24 @@ def test_chosen_engine_runs_native_size_25d_models_like_pytorch(tmp_path, native
     expected = predict_probs([(model, spec)], image, cfg)
     got = predict_probs([(engine, spec)], image, cfg)
     assert float((got - expected).abs().max()) < 1e-4
+
+
+@needs_real_data
+@pytest.mark.skipif(CHOSEN is None, reason="the chosen engine is not installed")
+def test_a_cached_export_runs_without_building_the_network_or_importing_monai(tmp_path, native25d_checkpoint):
+    """Once a checkpoint's export is cached, `neuromap segment` runs it without building the PyTorch network, so
+    MONAI (about 5 CPU-seconds of import) is never loaded; the labels are those of the run that built it."""
+    case = cropped_real_case(tmp_path, slices=12)
+    env = {**os.environ, "NEUROMAP_CACHE_DIR": str(tmp_path / "cache")}
+    probe = ("import sys; from neuromap.cli import main; code = main(sys.argv[1:]); "
+             "print('MONAI', 'monai' in sys.modules); sys.exit(code)")
+    outputs = {}
+    for run in ("first", "cached"):
+        done = subprocess.run([sys.executable, "-c", probe, "segment", str(case), "-o", str(tmp_path / run),
+                               "--model", str(native25d_checkpoint), "--engine", CHOSEN, "--quiet"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        outputs[run] = done.stdout
+    assert "MONAI True" in outputs["first"] and "MONAI False" in outputs["cached"]
+    first, cached = (np.asarray(nib.load(next((tmp_path / r).glob("*_seg.nii.gz"))).dataobj) for r in outputs)
+    assert np.array_equal(first, cached)

@@ -159,6 +159,21 @@ def test_raw_refuses_slice_folders_and_gives_no_outputs(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@needs_real_data
+def test_raw_refuses_a_slab_too_thin_to_register_before_work(tmp_path, capsys):
+    """Six 1 mm slices of a real case (a crop, not a head scan): refused with the sizes and the fix, before any
+    registration (ITK would fail deep in its pyramid), nothing written."""
+    case = discover_cases(CASE)[0]
+    folder = tmp_path / "Slab"
+    folder.mkdir()
+    for m, path in case.images.items():
+        nib.save(nib.load(path.path).slicer[:, :, 80:86], folder / f"Slab_{m}.nii.gz")
+    assert main(["segment", str(folder), "-o", str(tmp_path / "out"), "--raw", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "too small to co-register (axis 3: 6 voxels of 1 mm)" in err and "Fix: give the whole scan" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def raw_run(misaligned, tmp_path_factory):
     """The misaligned case segmented with --raw (skull-stripped inputs: no deepbet), files and maps saved."""

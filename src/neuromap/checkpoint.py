@@ -12,7 +12,7 @@ import torch
 from neuromap.config import ModelConfig, PreprocessConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io.atomic import atomic_path
-from neuromap.models import build_model, resolve_options
+from neuromap.models import build_model, required_divisor, resolve_options
 
 FORMAT = "neuromap-checkpoint-v1"
 
@@ -27,6 +27,9 @@ class ModelSpec:
     patch_size: tuple[int, ...]
     out_channels: int
     info: dict = field(default_factory=dict)  # training summary and metrics, shown in reports
+    # True for a spec read from a file: its options were stored resolved, so `to_dict` need not resolve them again
+    # (which imports the network's module and MONAI; see `neuromap.engines.load_runner`).
+    resolved: bool = field(default=False, repr=False, compare=False)
 
     @property
     def modalities(self) -> list[str]:
@@ -34,7 +37,9 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         # Resolved options (defaults filled in) so a later change of a default cannot change a saved model.
-        model = {**self.model.model_dump(), "options": resolve_options(self.model)}
+        options = ({k: tuple(v) if isinstance(v, list) else v for k, v in self.model.options.items()}  # as resolved
+                   if self.resolved else resolve_options(self.model))
+        model = {**self.model.model_dump(), "options": options}
         return {
             "model": model, "preprocess": self.preprocess.model_dump(), "task": self.task,
             "patch_size": list(self.patch_size), "out_channels": self.out_channels, "info": self.info,
@@ -46,8 +51,13 @@ class ModelSpec:
             model=ModelConfig.model_validate(data["model"]),
             preprocess=PreprocessConfig.model_validate(data["preprocess"]),
             task=data["task"], patch_size=tuple(data["patch_size"]), out_channels=int(data["out_channels"]),
-            info=dict(data.get("info", {})),
+            info=dict(data.get("info", {})), resolved=True,
         )
+
+    @property
+    def divisor(self) -> int:
+        """The factor the network's input sizes must be divisible by (`neuromap.models.required_divisor`)."""
+        return required_divisor(self.model, resolved=self.resolved)
 
     def build(self) -> torch.nn.Module:
         return build_model(self.model, self.preprocess.in_channels, self.out_channels)

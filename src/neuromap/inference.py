@@ -10,11 +10,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from neuromap.checkpoint import ModelSpec
 from neuromap.config import InferenceConfig
-from neuromap.models import required_divisor
 from neuromap.tasks import Task, task_of
 
 
@@ -40,13 +38,15 @@ def _forward(model: torch.nn.Module, spec: ModelSpec, image: torch.Tensor, cfg: 
     only, (K, X, Y, len(index)): each slice's output depends on its own stack alone, so they are the same numbers
     a pass over every slice gives there."""
     if spec.model.spatial_dims == 3:
+        from monai.inferers import sliding_window_inference  # here: 2D inference does not pay MONAI's import
+
         return sliding_window_inference(
             image[None], roi_size=spec.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
             overlap=cfg.overlap, mode="gaussian",
         )[0]
     # In-plane sizes are padded with zeros (the z-scored background) up to the network's divisor, then cropped back:
     # native-resolution models see crops of any size.
-    divisor = required_divisor(spec.model)
+    divisor = spec.divisor
     x, y = image.shape[1:3]
     pad = (0, -y % divisor, 0, -x % divisor)
     index = torch.arange(image.shape[-1], device=image.device) if index is None else index.to(image.device)

@@ -28,10 +28,10 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
-from neuromap.checkpoint import ModelSpec, load_model
+from neuromap.checkpoint import ModelSpec
 from neuromap.cohort import Part, write_summary
 from neuromap.config import InferenceConfig, parse_config
-from neuromap.engines import engine_name, resolve_engine, wrap_model
+from neuromap.engines import engine_name, load_runner, resolve_engine
 from neuromap.errors import NeuroMapError
 from neuromap.export import labels_in_input_grid, output_image
 from neuromap.inference import predict_probs
@@ -147,11 +147,7 @@ class Segmenter:
                 raise NeuroMapError(f"{path}: model not found. Shipped models: {shipped}.")
             keys.append((path, path.stat().st_mtime))  # a replaced file (e.g. a new upload) is loaded again
             if keys[-1] not in self._loaded:
-                model, spec = load_model(path)
-                memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
-                model = model.to(self.device, memory_format=memory_format)
-                runner = wrap_model(model, spec, self.engine, path, fallback=self.cfg.engine == "auto")
-                self._loaded[keys[-1]] = (runner, spec)
+                self._loaded[keys[-1]] = load_runner(path, self.engine, self.device, self.cfg.engine == "auto")
         models = [self._loaded[key] for key in keys]
         if len({(tuple(s.modalities), s.task, s.model.out) for _, s in models}) > 1:
             raise NeuroMapError("ensemble members must share modalities, task and output type.")

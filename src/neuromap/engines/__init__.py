@@ -29,6 +29,7 @@ REQUIREMENTS: dict[str, tuple[tuple[str, ...], str]] = {
     "onnxruntime": (("onnxruntime", "onnx"), "onnx"),
     "openvino": (("openvino", "onnx"), "openvino"),
 }
+EXPORTED = tuple(REQUIREMENTS)  # the engines that run the ONNX export of a checkpoint
 # What "auto" tries on a CPU, best first (benchmarks/engines.py; docs/experiments/inference_engines.md).
 AUTO_ORDER: tuple[str, ...] = ("openvino", "onnxruntime")
 EXPORT_VERSION = 1  # bump when the export changes, so cached files are made again
@@ -79,12 +80,15 @@ def _file_key(path: Path) -> str:
     return digest.hexdigest()[:20]
 
 
+def _cached_onnx_path(checkpoint: Path) -> Path:
+    return cache_dir() / "onnx" / f"{checkpoint.stem}-{_file_key(checkpoint)}.onnx"
+
+
 def cached_onnx(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | Path) -> Path:
     """The checked ONNX export of ``checkpoint``, made on first use and kept in `cache_dir()`."""
     from neuromap.engines.onnx_export import export_onnx
 
-    checkpoint = Path(checkpoint)
-    target = cache_dir() / "onnx" / f"{checkpoint.stem}-{_file_key(checkpoint)}.onnx"
+    target = _cached_onnx_path(Path(checkpoint))
     if not target.is_file():
         try:
             export_onnx(model, spec, target, overwrite=True)  # atomic: concurrent processes never see half a file
@@ -117,13 +121,41 @@ def wrap_model(model: torch.nn.Module, spec: ModelSpec, engine: str, checkpoint:
         return model
 
 
+def load_runner(checkpoint: Path, engine: str, device: torch.device, fallback: bool = False):
+    """(the checkpoint's model as ``engine`` runs it, its spec); see `wrap_model` for ``fallback``.
+
+    With ONNX Runtime or OpenVINO and this checkpoint's export already cached, the PyTorch network is never built,
+    so neither its module nor MONAI is imported: about 5 of the 18 CPU-seconds of a one-case `neuromap segment`
+    process on the project's VM went to MONAI's import alone, twice the network's own run."""
+    from neuromap.checkpoint import load_model, read_checkpoint
+
+    path = Path(checkpoint).resolve()
+    if engine in EXPORTED and _cached_onnx_path(path).is_file():
+        spec = ModelSpec.from_dict(read_checkpoint(path)["spec"])
+        try:
+            return _runtime(engine, _cached_onnx_path(path)), spec
+        except Exception:  # the same failure `wrap_model` reports (or falls back from), with the network built
+            if not fallback:
+                raise
+    model, spec = load_model(path)
+    memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
+    model = model.to(device, memory_format=memory_format)
+    return wrap_model(model, spec, engine, path, fallback=fallback), spec
+
+
 def _build(model: torch.nn.Module, spec: ModelSpec, name: str, checkpoint: Path):
+    if name == "torch-compile":
+        from neuromap.engines.runtimes import CompiledTorchModel
+
+        return CompiledTorchModel(model)
+    return _runtime(name, cached_onnx(model, spec, checkpoint))
+
+
+def _runtime(name: str, onnx_file: Path):
+    """An ONNX file in the runtime ``name`` ("onnxruntime" or "openvino")."""
     from neuromap.engines import runtimes
 
     threads = torch.get_num_threads()
-    if name == "torch-compile":
-        return runtimes.CompiledTorchModel(model)
-    onnx_file = cached_onnx(model, spec, checkpoint)
     if name == "onnxruntime":
         return runtimes.OnnxRuntimeModel(onnx_file, threads)
     return runtimes.OpenVinoModel(onnx_file, threads, cache_dir() / "openvino")
@@ -134,5 +166,5 @@ def engine_name(model) -> str:
     return getattr(model, "name", "torch") if not isinstance(model, torch.nn.Module) else "torch"
 
 
-__all__ = ["AUTO_ORDER", "ENGINES", "cache_dir", "cached_onnx", "engine_available", "engine_name",
+__all__ = ["AUTO_ORDER", "ENGINES", "cache_dir", "cached_onnx", "engine_available", "engine_name", "load_runner",
            "require_engine", "resolve_engine", "wrap_model"]

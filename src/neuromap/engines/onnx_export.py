@@ -21,7 +21,6 @@ import torch
 from neuromap.checkpoint import ModelSpec
 from neuromap.errors import NeuroMapError
 from neuromap.io.atomic import atomic_path
-from neuromap.models import required_divisor
 
 FORMAT = "neuromap-onnx-v1"
 OPSET = 17
@@ -42,7 +41,7 @@ class ExportResult:
 def example_shape(spec: ModelSpec, batch: int = 2, grow: int = 0) -> tuple[int, ...]:
     """A valid input shape: the model's training patch (each side a multiple of its divisor), ``grow`` more
     divisor steps on the last axis so a check can use a size the export never saw."""
-    divisor = required_divisor(spec.model)
+    divisor = spec.divisor
     sides = [math.ceil(s / divisor) * divisor for s in spec.patch_size]
     sides[-1] += grow * divisor
     return (batch, spec.preprocess.in_channels, *sides)
@@ -61,7 +60,7 @@ def metadata(spec: ModelSpec) -> dict[str, str]:
         "output": spec.model.out,
         "activation": "sigmoid" if spec.model.out == "regions" else "softmax",
         "input_layout": f"({axes}) float32, z-scored per sequence; channels = modalities x (2 * context_slices + 1)",
-        "size_divisor": str(required_divisor(spec.model)),
+        "size_divisor": str(spec.divisor),
         "research_use_only": "true",
     }
 

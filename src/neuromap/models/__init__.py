@@ -11,8 +11,7 @@ Registered (spatial dims, size divisor with default options):
   deeplabv3plus (2D/3D, 32), segresnet (2D/3D, 8).
 """
 
-# importing these modules registers their architectures
-from neuromap.models import deeplab, monai_nets, resunet  # noqa: F401
+# The networks' modules (and MONAI) are imported when a network is first built (`registry.Architecture.builder`).
 from neuromap.models.registry import REGISTRY, build_model, register, required_divisor, resolve_options
 
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(REGISTRY))

@@ -26,7 +26,7 @@ def _conv_bn_relu(spatial_dims: int, in_channels: int, out_channels: int, kernel
     )
 
 
-@register("deeplabv3plus", spatial_dims=(2, 3), divisor=32)
+@register("deeplabv3plus")
 class DeepLabV3Plus(nn.Module):
     """EfficientNet-B0 -> ASPP -> DeepLabV3+ decoder; sizes must be a multiple of 32.
 

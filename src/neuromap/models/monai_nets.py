@@ -6,7 +6,6 @@ Every builder takes ``dropout`` so configs can switch regularisation the same wa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet
@@ -15,7 +14,7 @@ from torch import nn
 from neuromap.models.registry import register
 
 
-@register("unet2d", spatial_dims=(2,), divisor=16)
+@register("unet2d")
 def unet2d(
     spatial_dims: int,
     in_channels: int,
@@ -34,7 +33,7 @@ def unet2d(
     return BasicUNet(spatial_dims, in_channels, out_channels, features=features, norm=norm, dropout=dropout)
 
 
-@register("unet3d", spatial_dims=(3,), divisor=16)
+@register("unet3d")
 def unet3d(
     spatial_dims: int,
     in_channels: int,
@@ -51,7 +50,7 @@ def unet3d(
     return BasicUNet(spatial_dims, in_channels, out_channels, features=features, norm=norm, dropout=dropout)
 
 
-@register("attention_unet", spatial_dims=(2, 3), divisor=lambda o: math.prod(o["strides"]))
+@register("attention_unet")
 def attention_unet(
     spatial_dims: int,
     in_channels: int,
@@ -71,7 +70,7 @@ def attention_unet(
     )
 
 
-@register("segresnet", spatial_dims=(2, 3), divisor=lambda o: 2 ** (len(o["blocks_down"]) - 1))
+@register("segresnet")
 def segresnet(
     spatial_dims: int,
     in_channels: int,

@@ -7,9 +7,11 @@ the code that uses them cannot drift apart.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,13 +22,22 @@ from neuromap.errors import NeuroMapError
 Builder = Callable[..., torch.nn.Module]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Architecture:
-    """A registered network: how to build it, which dimensionalities it supports and its size constraint."""
+    """A network as the catalogue knows it without importing it: the module that defines (and registers) its
+    builder, the dimensionalities it supports and its size constraint."""
 
-    builder: Builder
+    module: str
     spatial_dims: tuple[int, ...]
     divisor: Callable[[Mapping[str, Any]], int]  # resolved options -> factor input sizes must be divisible by
+    registered: Builder | None = field(default=None, repr=False)  # set by `register` when the module is imported
+
+    @property
+    def builder(self) -> Builder:
+        """The builder, importing its module (and with it MONAI) on first use."""
+        if self.registered is None:
+            importlib.import_module(self.module)
+        return self.registered
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -34,22 +45,30 @@ class Architecture:
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-REGISTRY: dict[str, Architecture] = {}
+def _constant(divisor: int) -> Callable[[Mapping[str, Any]], int]:
+    return lambda _options: divisor
 
 
-def register(
-    name: str, *, spatial_dims: tuple[int, ...], divisor: int | Callable[[Mapping[str, Any]], int]
-) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder function or ``nn.Module`` class to the registry under ``name``.
-
-    ``divisor`` is a constant or a function of the resolved options (e.g. the product of the strides).
-    """
+# Every architecture, known without importing its module: inference with an exported engine (ONNX Runtime,
+# OpenVINO) never builds the PyTorch network, so it never pays MONAI's import (about 5 CPU-seconds per process,
+# more than the network's own run on a full case); see `neuromap.segmenter.Segmenter`. Registered (spatial dims,
+# size divisor with default options): see `neuromap.models`.
+REGISTRY: dict[str, Architecture] = {
+    "unet2d": Architecture("neuromap.models.monai_nets", (2,), _constant(16)),
+    "unet3d": Architecture("neuromap.models.monai_nets", (3,), _constant(16)),
+    "attention_unet": Architecture("neuromap.models.monai_nets", (2, 3), lambda o: math.prod(o["strides"])),
+    "segresnet": Architecture("neuromap.models.monai_nets", (2, 3), lambda o: 2 ** (len(o["blocks_down"]) - 1)),
+    "resunet": Architecture("neuromap.models.resunet", (2, 3), _constant(32)),
+    "deeplabv3plus": Architecture("neuromap.models.deeplab", (2, 3), _constant(32)),
+}
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator binding a builder function or ``nn.Module`` class to its catalogue entry ``name``."""
 
     def decorate(builder: Builder) -> Builder:
-        if name in REGISTRY:
+        arch = REGISTRY[name]
+        if arch.registered is not None:
             raise ValueError(f"model name '{name}' is registered twice")
-        size_rule = divisor if callable(divisor) else (lambda _options: divisor)
-        REGISTRY[name] = Architecture(builder, spatial_dims, size_rule)
+        arch.registered = builder
         return builder
 
     return decorate
@@ -131,7 +150,8 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.
         ) from exc
 
 
-def required_divisor(cfg: ModelConfig) -> int:
+def required_divisor(cfg: ModelConfig, resolved: bool = False) -> int:
     """Factor every spatial input size must be divisible by (2D inference pads each slice up to a multiple of it;
-    see `neuromap.models`)."""
-    return _architecture(cfg).divisor(resolve_options(cfg))
+    see `neuromap.models`). ``resolved``: ``cfg.options`` are complete and were checked when stored (a
+    checkpoint's), so they need no resolving, which would import the network's module and MONAI."""
+    return _architecture(cfg).divisor(cfg.options if resolved else resolve_options(cfg))

@@ -26,7 +26,7 @@ class _ResNetFeatures(ResNet):
     forward = ResNetFeatures.forward
 
 
-@register("resunet", spatial_dims=(2, 3), divisor=32)
+@register("resunet")
 class ResUNet(nn.Module):
     """ResNet-50 encoder + U-Net decoder (FlexibleUNet design); sizes must be a multiple of 32.
 

@@ -18,6 +18,7 @@ from neuromap.io.case import Case
 from neuromap.io.layout import Layout
 from neuromap.io.plausibility import check_sequence
 from neuromap.prepare_raw.grid import to_sitk
+from neuromap.prepare_raw.register import too_small_to_register
 
 REFERENCE_ORDER = ("t1ce", "flair")  # the sharpest tumour contrast first; as DICOM studies choose theirs
 
@@ -74,6 +75,8 @@ def read_sequences(case: Case, modalities: list[str], layout: Layout) -> dict[st
                             "is required.")
         elif min(seq.array.shape) < 2:
             problems.append(f"{seq.source}: a single slice ({seq.array.shape}); a volume is required.")
+        elif len(modalities) > 1 and (small := too_small_to_register(seq.array.shape, seq.spacing)):
+            problems.append(f"{seq.source}: {small}. Fix: give the whole scan of the head, not a slab or a crop.")
         else:
             findings = check_sequence(seq.array, modality, seq.source)
             problems += findings.problems

@@ -32,6 +32,8 @@ SAMPLING = 0.05  # fraction of reference voxels sampled per evaluation
 POOR_SHARPNESS = 0.30
 SHIFT_VOXELS = 5  # 5 mm on the 1 mm working grid
 REGISTRATION_MM = 2.0  # voxels finer than this are averaged before registering (see `coarsen`)
+SHRINK = 2  # the first level of the registration pyramid (`_method`)
+MIN_SAMPLES = 4 * SHRINK  # ITK's smoothing needs >= 4 samples per axis on the shrunk level
 
 
 @dataclass
@@ -70,12 +72,30 @@ def _method(threads: int | None):
         learningRate=2.0, minStep=1e-3, numberOfIterations=150, relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetShrinkFactorsPerLevel([SHRINK, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     if threads:
         reg.SetNumberOfThreads(threads)
     return reg
+
+
+def coarse_factors(spacing: tuple[float, ...], target_mm: float = REGISTRATION_MM) -> list[int]:
+    """How many neighbouring voxels `coarsen` averages along each axis."""
+    return [max(1, int(round(target_mm / s))) for s in spacing]
+
+
+def too_small_to_register(shape: tuple[int, ...], spacing: tuple[float, ...]) -> str | None:
+    """Why a volume is too small for `register_rigid` (None when it is not): after `coarsen` every axis needs
+    ``MIN_SAMPLES`` samples, e.g. 16 slices of 1 mm, 8 of 5 mm; fewer make ITK fail deep inside the pyramid."""
+    samples = [n // f for n, f in zip(shape, coarse_factors(spacing), strict=True)]
+    short = [f"axis {axis + 1}: {n} voxels of {s:.2g} mm" for axis, (n, s, k) in
+             enumerate(zip(shape, spacing, samples, strict=True)) if k < MIN_SAMPLES]
+    if not short:
+        return None
+    return (f"too small to co-register ({'; '.join(short)}); co-registration needs at least {MIN_SAMPLES} samples "
+            f"of {REGISTRATION_MM:g} mm or more along every axis (e.g. {MIN_SAMPLES} slices of 5 mm, "
+            f"{int(MIN_SAMPLES * REGISTRATION_MM)} of 1 mm)")
 
 
 def coarsen(image, target_mm: float = REGISTRATION_MM):
@@ -84,7 +104,7 @@ def coarsen(image, target_mm: float = REGISTRATION_MM):
     A rigid fit to 5 mm slices gains nothing from 0.9 mm pixels, and every evaluation costs 4x less."""
     import SimpleITK as sitk
 
-    factors = [max(1, int(round(target_mm / s))) for s in image.GetSpacing()]
+    factors = coarse_factors(image.GetSpacing(), target_mm)
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
