@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -38,13 +38,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swi
 VIEWER_FRAME = 'iframe[title="neuromap.app_viewer.neuromap_viewer"]'
 LOAD_TIMEOUT_MS = 300_000  # NiiVue's first draw on a software GPU; seconds on an idle machine, minutes on a busy one
 
-pytestmark = [
+# Shared by every test that drives Chromium over a real case (this module's and the notebook's).
+BROWSER_MARKS = [
     pytest.mark.browser,
     pytest.mark.real,
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} missing (apt-get install chromium; `make browser`)"),
     pytest.mark.skipif(not (BRATS / CASE).is_dir(), reason=f"real case {BRATS / CASE} is absent (team data folder)"),
 ]
+pytestmark = BROWSER_MARKS
 
 
 def free_port() -> int:
@@ -54,31 +56,40 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_process(options: list[str], log_path: Path, server_tmp: Path,
-                start_timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``neuromap app OPTIONS`` on a free port in its own process group and TMPDIR, once it answers its health
-    check: (url, process); always stopped (the CLI forwards SIGTERM to Streamlit; the whole process group is killed
-    if that hangs). The browser tests and ``benchmarks/app_load.py`` start their servers here."""
-    port = free_port()
+def server_process(command: list[str], url: str, ready: Callable[[str], bool], log_path: Path,
+                   start_timeout_s: float, stop_timeout_s: float, **popen) -> Iterator[subprocess.Popen]:
+    """``command`` (a web server) in its own process group, logging to ``log_path``, once ``ready(url)``; always
+    stopped: SIGTERM, then the whole process group killed if it hangs. The app and JupyterLab tests and
+    ``benchmarks/app_load.py`` start their servers here."""
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "neuromap", "app", "--port", str(port), *options],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "TMPDIR": str(server_tmp)})
-        url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
         try:
             deadline = time.monotonic() + start_timeout_s
-            while not healthy(url):
+            while not ready(url):
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the app did not start:\n{log_path.read_text()}")
+                    raise RuntimeError(f"{command[2:4]} did not start:\n{log_path.read_text()}")
                 time.sleep(0.5)
-            yield url, process
+            yield process
         finally:
             process.terminate()
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=stop_timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@contextlib.contextmanager
+def app_process(options: list[str], log_path: Path, server_tmp: Path,
+                start_timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``neuromap app OPTIONS`` on a free port with its own TMPDIR, once it answers its health check: (url,
+    process); the CLI forwards SIGTERM to Streamlit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "neuromap", "app", "--port", str(port), *options]
+    with server_process(command, url, healthy, log_path, start_timeout_s, 30,
+                        env={**os.environ, "TMPDIR": str(server_tmp)}) as process:
+        yield url, process
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -26,25 +25,28 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BRATS, cropped_real_case
+from conftest import cropped_real_case
 from PIL import Image
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, crop, free_port, glyph, pixels
+from test_app_browser import (
+    BROWSER_MARKS,
+    CASE,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    crop,
+    free_port,
+    glyph,
+    pixels,
+    server_process,
+)
 
 from neuromap.notebook import DEFAULT_OPACITY
 from neuromap.tasks import get_task
 from neuromap.viewer import viewer_scene
 
-CASE = "Brats18_2013_2_1"
 SRC = Path(__file__).resolve().parents[1] / "src"
 DRAW_TIMEOUT_S = 600  # kernel start, torch import, the model and NiiVue's first draw on a software GPU, busy machine
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.real,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} missing (apt-get install chromium; `make browser`)"),
-    pytest.mark.skipif(not (BRATS / CASE).is_dir(), reason=f"real case {BRATS / CASE} is absent (team data folder)"),
-]
+pytestmark = BROWSER_MARKS
 
 
 def notebook(cells: list[str]) -> dict:
@@ -103,26 +105,13 @@ def jupyter_lab(root: Path, state: Path, log_path: Path, start_timeout_s: float,
                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
                *(["--allow-root"] if os.geteuid() == 0 else []), *options]
     url = f"http://127.0.0.1:{port}"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                   cwd=root)
-        try:
-            deadline = time.monotonic() + start_timeout_s
-            while not answers(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start:\n{log_path.read_text()}")
-                time.sleep(0.5)
+    try:
+        with server_process(command, url, answers, log_path, start_timeout_s, 60, env=env, cwd=root):
             yield url, token
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            for pid in processes_mentioning(str(folders["runtime"])):  # a kernel the server did not end
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    finally:
+        for pid in processes_mentioning(str(folders["runtime"])):  # a kernel the server did not end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def blended(picture: np.ndarray, colour: tuple[int, int, int], opacity: float) -> np.ndarray:
