@@ -193,7 +193,12 @@ def test_result_show_draws_in_jupyterlab(tmp_path: Path) -> None:
             page.get_by_text("Run All Cells", exact=True).click()
             canvases = page.locator(".jp-OutputArea-output canvas")
             error = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
-            canvases.nth(1).or_(error.first).wait_for(timeout=DRAW_TIMEOUT_S * 1000)
+            try:
+                canvases.nth(1).or_(error.first).wait_for(timeout=DRAW_TIMEOUT_S * 1000)
+            except sync_api.TimeoutError:  # what the page showed, for whoever reads the failure
+                page.screenshot(path=str(tmp_path / "timeout.png"))
+                pytest.fail(f"no second viewer within {DRAW_TIMEOUT_S} s; segmentation written: {out.is_dir()}; "
+                            f"canvases drawn: {canvases.count()}; page: {tmp_path / 'timeout.png'}")
             page.screenshot(path=str(tmp_path / "notebook_running.png"))
             assert not error.count(), f"a cell failed:\n{error.first.inner_text()}"
 
