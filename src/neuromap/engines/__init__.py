@@ -130,10 +130,11 @@ def load_runner(checkpoint: Path, engine: str, device: torch.device, fallback: b
     from neuromap.checkpoint import load_model, read_checkpoint
 
     path = Path(checkpoint).resolve()
-    if engine in EXPORTED and _cached_onnx_path(path).is_file():
+    exported = _cached_onnx_path(path) if engine in EXPORTED else None  # hashes the checkpoint: once
+    if exported is not None and exported.is_file():
         spec = ModelSpec.from_dict(read_checkpoint(path)["spec"])
         try:
-            return _runtime(engine, _cached_onnx_path(path)), spec
+            return _runtime(engine, exported), spec
         except Exception:  # the same failure `wrap_model` reports (or falls back from), with the network built
             if not fallback:
                 raise

@@ -51,7 +51,7 @@ def _constant(divisor: int) -> Callable[[Mapping[str, Any]], int]:
 
 # Every architecture, known without importing its module: inference with an exported engine (ONNX Runtime,
 # OpenVINO) never builds the PyTorch network, so it never pays MONAI's import (about 5 CPU-seconds per process,
-# more than the network's own run on a full case); see `neuromap.segmenter.Segmenter`. Registered (spatial dims,
+# more than the network's own run on a full case); see `neuromap.engines.load_runner`. Registered (spatial dims,
 # size divisor with default options): see `neuromap.models`.
 REGISTRY: dict[str, Architecture] = {
     "unet2d": Architecture("neuromap.models.monai_nets", (2,), _constant(16)),
@@ -61,6 +61,8 @@ REGISTRY: dict[str, Architecture] = {
     "resunet": Architecture("neuromap.models.resunet", (2, 3), _constant(32)),
     "deeplabv3plus": Architecture("neuromap.models.deeplab", (2, 3), _constant(32)),
 }
+
+
 def register(name: str) -> Callable[[Builder], Builder]:
     """Decorator binding a builder function or ``nn.Module`` class to its catalogue entry ``name``."""
 

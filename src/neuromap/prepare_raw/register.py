@@ -131,7 +131,7 @@ def register_rigid(reference, moving, threads: int | None = None) -> Registratio
         starts[name] = start
         probe = _method(threads)
         probe.SetInitialTransform(start, inPlace=False)
-        probe.SetShrinkFactorsPerLevel([2])
+        probe.SetShrinkFactorsPerLevel([SHRINK])
         probe.SetSmoothingSigmasPerLevel([1.0])
         scores[name] = probe.MetricEvaluate(reference, moving)
     best = min(scores, key=scores.get)
