@@ -76,14 +76,16 @@ def folds_of(run: Path) -> list[Path]:
     return folds
 
 
-def true_dice(metrics_csv: Path, regions: tuple[str, ...]) -> dict[str, float]:
-    """Mean region Dice per case from ``neuromap evaluate``'s metrics.csv."""
-    per_case: dict[str, list[float]] = {}
+def true_dice(metrics_csv: Path) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Mean region Dice per case from ``neuromap evaluate``'s metrics.csv, and the regions averaged: every row of
+    kind "region" (WT, TC, ET for BraTS; the abnormality for a binary task), so the target is the task's own."""
+    per_case: dict[str, dict[str, float]] = {}
     with open(metrics_csv, newline="") as handle:
         for row in csv.DictReader(handle):
-            if row["kind"] == "region" and row["structure"] in regions:
-                per_case.setdefault(row["case_id"], []).append(float(row["dice"]))
-    return {case: float(np.mean(v)) for case, v in per_case.items() if len(v) == len(regions)}
+            if row["kind"] == "region":
+                per_case.setdefault(row["case_id"], {})[row["structure"]] = float(row["dice"])
+    regions = tuple(max(per_case.values(), key=len)) if per_case else ()
+    return {case: float(np.mean(list(v.values()))) for case, v in per_case.items() if len(v) == len(regions)}, regions
 
 
 def reference_of(profiles: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -95,12 +97,13 @@ def reference_of(profiles: list[dict[str, float]]) -> dict[str, dict[str, float]
 def input_thresholds(signals: list[dict]) -> dict:
     """The input checks' thresholds (`neuromap.quality.input_checks`) from the held-out cases' signals."""
     extents = np.array([s["brain_extent_mm"] for s in signals])
-    spacings = np.array([s["spacing_mm"] for s in signals])
+    # Slice folders (LGG kaggle_3m) store no voxel size: then there is nothing to check a voxel size against.
+    spacings = None if any(s["spacing_mm"] is None for s in signals) else np.array([s["spacing_mm"] for s in signals])
     return {
         "intensity_distance_max": round(DISTANCE_MARGIN * max(s["intensity_distance"] for s in signals), 3),
         "swap_margin_max": SWAP_MARGIN,
-        "spacing_mm_allowed": [round(SPACING_MARGINS[0] * float(spacings.min()), 3),
-                               round(SPACING_MARGINS[1] * float(spacings.max()), 3)],
+        "spacing_mm_allowed": None if spacings is None else [round(SPACING_MARGINS[0] * float(spacings.min()), 3),
+                                                             round(SPACING_MARGINS[1] * float(spacings.max()), 3)],
         "brain_extent_min_mm": [round(EXTENT_MARGIN * float(v), 1) for v in extents.min(axis=0)],
     }
 
@@ -160,7 +163,7 @@ def main() -> None:
     spec = specs[0]
     splits = {f.name: json.loads((f / "split.json").read_text()) for f in folds}
     fold_of = {case: name for name, split in splits.items() for case in split["val"]}
-    dice = true_dice(args.run / "oof_eval" / "metrics.csv", ("WT", "TC", "ET"))
+    dice, regions = true_dice(args.run / "oof_eval" / "metrics.csv")
     cases = {c.case_id: c for c in find_training_cases(cfg.data_roots)}
     ids = sorted(fold_of)
     missing = [c for c in ids if c not in dice or not (args.run / "oof" / f"{c}_report.json").is_file()]
@@ -225,7 +228,7 @@ def main() -> None:
         "fitted_on": f"out-of-fold predictions of {cfg.name} ({len(folds)} folds, {len(ids)} cases)",
         "docs": "docs/experiments/quality_score.md",
         "command": f"python scripts/fit_quality.py {args.run} -o {args.output}",
-        "model": {"kind": "linear, clipped to [0, 1]", "target": "mean region Dice (WT, TC, ET)",
+        "model": {"kind": "linear, clipped to [0, 1]", "target": f"mean region Dice ({', '.join(regions)})",
                   "features": list(FEATURES), "intercept": round(intercept, 5), "coef": [round(c, 5) for c in coef]},
         "flag_below": FLAG_BELOW,
         "reference": {"intensity": reference_of(list(profiles.values())),

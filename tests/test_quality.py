@@ -3,7 +3,7 @@ corrupted input."""
 
 import json
 
-from conftest import UNSEEN, needs_real_data
+from conftest import LGG, UNSEEN, needs_real_data
 
 from neuromap.checkpoint import ModelSpec, read_checkpoint
 from neuromap.cli import main
@@ -92,3 +92,17 @@ def test_signals_do_not_change_with_tta(tiny_checkpoint, synthetic_case):
     assert averaged.report["model"]["tta"] is True
     for name in ("flip_dice", "tumour_entropy", "uncertain_ratio"):
         assert averaged.report["quality"]["signals"][name] == plain.report["quality"]["signals"][name]
+
+
+@needs_real_data
+def test_shipped_lgg_model_scores_a_real_slice_folder(tmp_path):
+    """The LGG model has its own calibration (20 patients, out of fold); slice folders store no voxel size, so its
+    voxel-size check is absent rather than comparing against a made-up size."""
+    patient = LGG / "TCGA_CS_6290_20000917"  # one of the cross-validation's held-out patients (0.90 Dice there)
+    (result,) = segment(patient, tmp_path)
+    quality = result.report["quality"]
+    assert quality["calibration"]["n"] == 20 and quality["calibration"]["file"] == "quality_lgg_resunet.json"
+    assert isinstance(quality["score"], float) and 0 <= quality["score"] <= 1
+    assert quality["signals"]["spacing_mm"] is None and "core_fraction" not in quality["signals"]
+    assert not any("voxel size" in reason for reason in quality["reasons"])
+    assert calibration_for(spec_of("lgg_resunet")).reference["spacing_mm_allowed"] is None

@@ -244,8 +244,8 @@ def input_checks(signals: dict, reference: dict) -> list[str]:
         reasons.append(f"intensities inside the brain are unlike the training scans (distance {distance:.1f}; the "
                        f"check fires above {reference['intensity_distance_max']:.1f}): another protocol or "
                        "preparation, or a wrong sequence")
-    low, high = reference["spacing_mm_allowed"]
-    spacing = signals.get("spacing_mm")
+    allowed, spacing = reference["spacing_mm_allowed"], signals.get("spacing_mm")
+    low, high = allowed or (0.0, np.inf)  # None: the training scans stored no voxel size (LGG slice folders)
     if spacing is not None and not all(low <= s <= high for s in spacing):
         reasons.append(f"voxel size {' x '.join(f'{s:.2g}' for s in spacing)} mm is outside {low:g}-{high:g} mm, "
                        "the range around the training scans' voxel sizes")
