@@ -2,6 +2,7 @@
 fold run scored out of fold through the CLI."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,15 @@ def test_cv_command_trains_a_fold_and_scores_its_cases_out_of_fold(tmp_path, cap
     assert "hd95" not in table and "nan" not in table  # --no-hd95: no empty columns
     summary = json.loads((run / "oof_eval" / "summary.json").read_text())
     assert summary["n_cases"] == 4 and sorted(summary["cases"]) == sorted(held_out)
-    # a finished fold is not trained again: the second call only re-scores
+    # a finished fold is not trained again: the second call only re-scores, and only its own folds' cases, though
+    # another fold's lane (`neuromap cv --folds K` run in parallel) has put a prediction in the shared oof/
     mtime = (run / "fold_2" / "last.pt").stat().st_mtime
+    other = json.loads((run / "fold_2" / "split.json").read_text())["train"][0]
+    shutil.copy(run / "oof" / f"{held_out[0]}_seg.nii.gz", run / "oof" / f"{other}_seg.nii.gz")
     assert main(["cv", str(path), "--folds", "2", "--quiet", "--no-hd95"]) == 0
     assert (run / "fold_2" / "last.pt").stat().st_mtime == mtime
+    summary = json.loads((run / "oof_eval" / "summary.json").read_text())
+    assert sorted(summary["cases"]) == sorted(held_out) and other not in (run / "oof_table.md").read_text()
     assert main(["cv", str(path), "--folds", "7", "--quiet"]) == 2
     assert "folds are 0..4" in capsys.readouterr().err
 

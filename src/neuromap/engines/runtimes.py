@@ -26,6 +26,9 @@ class EngineModel:
     pipeline calls on a model (``to``, ``eval``) as no-ops, since the engine runs on the CPU only."""
 
     name = "engine"
+    # What `neuromap.inference` builds the batches in: plain NCHW, which ONNX Runtime and OpenVINO read without a
+    # copy (PyTorch modules get channels_last).
+    memory_format = torch.contiguous_format
 
     def to(self, *args, **kwargs) -> EngineModel:
         return self
@@ -88,6 +91,8 @@ class OpenVinoModel(EngineModel):
 class CompiledTorchModel(EngineModel):
     """``torch.compile`` (Inductor, C++ code generation on the CPU) of the eager model. Compilation happens on
     the first batches of each new shape, so it pays off only when a process segments many cases."""
+
+    memory_format = torch.channels_last
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.module = model

@@ -3,7 +3,7 @@
 Every model starts from random weights and returns raw logits of shape (B, out_channels, *spatial) at the
 input's spatial size; softmax (classes) or sigmoid (regions) is applied by the loss and by inference.
 Spatial input sizes must be divisible by ``required_divisor(cfg)``: 2D inference pads each slice with zeros up to
-a multiple of it and crops the output back (`neuromap.inference._forward`); 3D inference runs sliding windows of
+a multiple of it and crops the output back (`neuromap.inference._Pass.logits`); 3D inference runs sliding windows of
 the training patch size, so 3D patch sizes must be multiples of it.
 
 Registered (spatial dims, size divisor with default options):

@@ -50,7 +50,6 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
     """Segment every held-out case with its fold's model, score the pool; writes ``<run>/oof/`` (predictions,
     reports, overlays), ``<run>/oof_eval/`` (metrics.csv, summary.json, boxplot.png) and ``<run>/oof_table.md``."""
     from neuromap.config import InferenceConfig
-    from neuromap.evaluation import evaluate
     from neuromap.segmenter import Segmenter
     from neuromap.training.data import find_training_cases
 
@@ -60,18 +59,38 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
     if missing:
         raise NeuroMapError(f"{root}: folds {missing} have no trained model yet. Fix: run `neuromap cv` without "
                             "--evaluate-only to train them first.")
-    pred_dir = root / "oof"
-    fold_of: dict[str, int] = {}
-    for fold in folds:
-        held_out = json.loads((root / f"fold_{fold}" / "split.json").read_text())["val"]
-        fold_of.update({case_id: fold for case_id in held_out})
+    for fold, held_out in held_out_cases(root, folds).items():
         segmenter = Segmenter(str(root / f"fold_{fold}" / "best.pt"), InferenceConfig())
-        segmenter.segment([cases[case_id] for case_id in held_out], pred_dir, overwrite=True)
+        segmenter.segment([cases[case_id] for case_id in held_out], root / "oof", overwrite=True)
+    return score_out_of_fold(cfg, folds, hd95)
+
+
+def held_out_cases(root: Path, folds: list[int]) -> dict[int, list[str]]:
+    return {fold: json.loads((root / f"fold_{fold}" / "split.json").read_text())["val"] for fold in folds}
+
+
+def score_out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
+    """Score the predictions in ``<run>/oof/`` of the held-out cases of ``folds`` only: that folder may also hold
+    other folds' predictions (folds run as parallel lanes, `neuromap cv --folds K` each, share it), which must
+    neither be scored nor make the evaluation refuse predictions it has no ground truth for."""
+    from neuromap.evaluation import evaluate
+    from neuromap.training.data import find_training_cases
+
+    root = run_root(cfg)
+    cases = {c.case_id: c for c in find_training_cases(cfg.data_roots)}
+    fold_of = {case_id: fold for fold, held_out in held_out_cases(root, folds).items() for case_id in held_out}
     with tempfile.TemporaryDirectory(prefix="neuromap-cv-") as tmp:
-        # Ground truth: links to the held-out case folders, so cases from several data roots form one folder.
+        # Links, nothing copied: the held-out case folders (cases from several data roots form one folder) and
+        # those cases' predictions.
+        truth, predictions = Path(tmp) / "truth", Path(tmp) / "predictions"
+        truth.mkdir()
+        predictions.mkdir()
         for case_id in fold_of:
-            os.symlink(cases[case_id].root.resolve(), Path(tmp) / case_id)
-        summary = evaluate(pred_dir, tmp, root / "oof_eval", hd95=hd95, overwrite=True, task=cfg.task)
+            os.symlink(cases[case_id].root.resolve(), truth / case_id)
+            for name in (f"{case_id}_seg.nii.gz", case_id):  # a label map, or a slice folder's masks
+                if (root / "oof" / name).exists():
+                    os.symlink((root / "oof" / name).resolve(), predictions / name)
+        summary = evaluate(predictions, truth, root / "oof_eval", hd95=hd95, overwrite=True, task=cfg.task)
     table = oof_table(root / "oof_eval" / "metrics.csv", fold_of, cfg.task)
     write_bytes_atomic(root / "oof_table.md", table.encode(), overwrite=True)
     return summary
