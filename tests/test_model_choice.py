@@ -28,16 +28,20 @@ def weights_dir(tmp_path, monkeypatch):
     return folder
 
 
-def test_full_case_gets_the_four_sequence_model(weights_dir):
+def test_full_case_gets_the_model_with_the_best_measured_dice(weights_dir):
     assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "full.pt"]
     assert resolve_model_paths("reduced", ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
-
-
-def test_measured_dice_breaks_ties_between_models_with_the_same_sequences(weights_dir):
     index = json.loads((weights_dir / "models.json").read_text())
-    index["full_b"] = {**index["full"], "file": "reduced.pt", "val_dice": {"WT": 0.95, "TC": 0.9, "ET": 0.8}}
+    index["reduced"]["val_dice"] = {"WT": 0.95, "TC": 0.9, "ET": 0.8}  # fewer sequences, measured better
     (weights_dir / "models.json").write_text(json.dumps(index))
     assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "reduced.pt"]
+
+
+def test_more_sequences_break_ties_of_measured_dice(weights_dir):
+    index = json.loads((weights_dir / "models.json").read_text())
+    index["reduced"]["val_dice"] = index["full"]["val_dice"]
+    (weights_dir / "models.json").write_text(json.dumps(index))
+    assert resolve_model_paths(None, ["t1", "t1ce", "t2", "flair"]) == [weights_dir / "full.pt"]
 
 
 def test_case_without_t1_and_t2_gets_the_reduced_model(tmp_path, weights_dir):

@@ -37,7 +37,8 @@ def test_shipped_calibration_loads_and_applies_to_the_default_model():
     assert -1 <= data["validation"]["loo_spearman"] <= 1
     assert set(data["model"]["features"]) <= SIGNALS
     assert len(data["model"]["coef"]) == len(data["model"]["features"])
-    assert len(data["reference"]["intensity"]["mean"]) == 4 * 7 + 6  # 7 quantiles per sequence, 6 pairs
+    n = len(spec_of(default).modalities)
+    assert len(data["reference"]["intensity"]["mean"]) == n * 7 + n * (n - 1) // 2  # 7 quantiles each, and pairs
     assert 0 < calibration.flag_below < 1
     worst = {f: 0.0 for f in data["model"]["features"]}
     best = {f: 1.0 for f in data["model"]["features"]}
@@ -71,17 +72,22 @@ def test_report_quality_on_a_real_case(unseen_segmented):
 
 @needs_real_data
 def test_swapped_sequences_get_a_lower_score_and_review(unseen_segmented):
-    """The same real scan with its four files given under the wrong names (T1<->T2, T1ce<->FLAIR), as a wrong
-    --map would: the estimate must drop and the case must be flagged, naming the intensities."""
+    """The same real scan with its files given under the wrong names (T1<->T2, T1ce<->FLAIR), as a wrong --map
+    would. The default (FLAIR+T1ce) model reads the swapped pair: its estimate must drop and the case be flagged.
+    The four-sequence model compares every renaming of four files, so its swap check must also name the swap."""
     files = {token: next(UNSEEN.glob(f"*-{token}.nii.gz")) for token in ("t1n", "t1c", "t2w", "t2f")}
-    (result,) = segment({"t1": files["t2w"], "t2": files["t1n"], "t1ce": files["t2f"], "flair": files["t1c"]})
+    swapped = {"t1": files["t2w"], "t2": files["t1n"], "t1ce": files["t2f"], "flair": files["t1c"]}
+    (result,) = segment(swapped)
     clean, corrupt = unseen_segmented.report["quality"], result.report["quality"]
     assert corrupt["flag"] == "review"
-    assert any("sequences look swapped" in reason for reason in corrupt["reasons"])
-    assert corrupt["signals"]["looks_like"] == {"t1": "t2", "t1ce": "flair", "t2": "t1", "flair": "t1ce"}
     assert not any("swapped" in reason for reason in clean["reasons"])
     assert clean["signals"]["looks_like"] == {}
     assert corrupt["score"] is None or corrupt["score"] < clean["score"] - 0.05
+    (four,) = segment(swapped, model="brats_resunet25d")
+    quality = four.report["quality"]
+    assert quality["flag"] == "review"
+    assert any("sequences look swapped" in reason for reason in quality["reasons"])
+    assert quality["signals"]["looks_like"] == {"t1": "t2", "t1ce": "flair", "t2": "t1", "flair": "t1ce"}
 
 
 def test_signals_do_not_change_with_tta(tiny_checkpoint, synthetic_case):
