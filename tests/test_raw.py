@@ -192,8 +192,10 @@ def test_misaligned_thick_slices_are_registered_back(misaligned, raw_run):
     report = raw_run.report["raw_preparation"]
     # The found transform undoes the motion: T(T'(x)) = x within 2 mm (slices are 5 mm) around the brain centre.
     offsets = np.stack(np.meshgrid(*[[-50.0, 0.0, 50.0]] * 3), -1).reshape(-1, 3)
-    for m, motion in MOTION.items():
-        entry = report["registration"][m]
+    # the sequences the default model reads, besides the reference (the FLAIR+T1ce model: FLAIR only)
+    assert "flair" in report["registration"] and set(report["registration"]) <= set(MOTION)
+    for m, entry in report["registration"].items():
+        motion = MOTION[m]
         found = _euler(entry["rotation_deg"], entry["translation_mm"], entry["centre_mm"])
         moved = _euler(*motion, misaligned["centre"])
         points = np.array(misaligned["centre"]) + offsets
@@ -289,7 +291,8 @@ def test_raw_tcga_study_end_to_end(tmp_path):
     raw = report["raw_preparation"]
     print(json.dumps({k: raw[k] for k in ("registration", "brain_mask", "timings_s", "cpu_s")}, indent=1))
     print("volumes", report["volumes_ml"], "working grid", raw["working_grid"]["volumes_ml"], report["warnings"])
-    assert raw["reference"] == "t1ce" and raw["brain_mask"]["method"] == "deepbet on t1"
+    # deepbet on the native T1 when the model reads it, else on the reference (the FLAIR+T1ce default: T1ce)
+    assert raw["reference"] == "t1ce" and raw["brain_mask"]["method"] in ("deepbet on t1", "deepbet on t1ce")
     assert 1000 <= raw["brain_mask"]["volume_ml"] <= 1700
     assert 10 <= report["volumes_ml"]["WT"] <= 150
     assert all(entry["sharpness"] >= POOR_SHARPNESS for entry in raw["registration"].values())

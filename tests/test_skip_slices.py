@@ -18,6 +18,7 @@ from neuromap.checkpoint import ModelSpec, load_model
 from neuromap.cli import main
 from neuromap.config import InferenceConfig, ModelConfig, PreprocessConfig
 from neuromap.inference import near_tumour, predict_probs
+from neuromap.postprocess import postprocess
 from neuromap.tasks import get_task, task_of
 
 DEPTH = 30
@@ -175,8 +176,10 @@ def test_all_slices_switch_and_the_voxel_size_reach_the_model_stage(tmp_path, ti
 @pytest.mark.real
 @pytest.mark.slow
 def test_shipped_model_gives_the_full_pass_labels_on_a_real_case():
-    """The default model on a whole real case: the same labels with fewer slices run (0 voxels differed on
-    all 22 shared cases: docs/experiments/skip_slices.md)."""
+    """The default model on a whole real case: the same final labels with fewer slices run. Before
+    postprocessing the full pass may add a fragment thinner than the coarse stride far from the tumour (the
+    four-sequence model: 0 voxels on all 22 shared cases, docs/experiments/skip_slices.md; the FLAIR+T1ce default:
+    74 voxels on one slice of this case), which the product's small-component rule removes."""
     from neuromap.io import discover_cases, load_case
     from neuromap.preprocess import prepare
     from neuromap.zoo import default_model
@@ -195,4 +198,9 @@ def test_shipped_model_gives_the_full_pass_labels_on_a_real_case():
     ran = sum(slices)
     off = predict_probs([(model, spec)], image, InferenceConfig(skip_slices=False))
     assert ran < image.shape[-1]
-    assert task.labels(off).any() and np.array_equal(task.labels(on), task.labels(off))
+    labels_on, labels_off = task.labels(on), task.labels(off)
+    assert labels_off.any() and int((labels_on != labels_off).sum()) < 100  # < 0.1 mL: under the component rule
+    cfg = InferenceConfig()
+    final_on, _ = postprocess(labels_on, 0.001, cfg, task.postprocess_steps())
+    final_off, _ = postprocess(labels_off, 0.001, cfg, task.postprocess_steps())
+    assert np.array_equal(final_on, final_off)
