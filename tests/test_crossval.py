@@ -14,7 +14,7 @@ from conftest import BRATS, needs_real_data
 from neuromap.checkpoint import ModelSpec
 from neuromap.cli import main
 from neuromap.config import InferenceConfig, ModelConfig, PreprocessConfig, SplitConfig, TrainConfig
-from neuromap.inference import predict_probs, slice_stack
+from neuromap.inference import predict_probs, slice_batch, slice_volume
 from neuromap.training.crossval import fold_config
 from neuromap.training.data import kfold_assignment, site_of, split_cases
 
@@ -56,14 +56,22 @@ def test_fold_config_sets_split_and_folder():
     assert (folded.split.mode, folded.split.fold, folded.output_dir) == ("kfold", 3, "/tmp/runs/x/fold_3")
 
 
-def test_slice_stack_orders_sequence_then_offset_with_zero_ends():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_slice_batch_orders_sequence_then_offset_with_zero_ends(memory_format):
     image = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
-    stack = slice_stack(image, torch.tensor([0, 2]), context=1)
-    assert stack.shape == (2, 6, 3, 4)
-    assert torch.equal(stack[1, 0], image[0, ..., 1]) and torch.equal(stack[1, 2], image[0, ..., 3])
-    assert torch.equal(stack[1, 4], image[1, ..., 2])
-    assert torch.equal(stack[0, 0], torch.zeros(3, 4))  # below the first slice
-    assert torch.equal(slice_stack(image, torch.tensor([4]), context=0)[0], image[..., 4])
+
+    def stack(index: list[int], context: int) -> torch.Tensor:
+        batch = slice_batch(slice_volume(image, context, memory_format=memory_format), torch.tensor(index), context,
+                            memory_format)
+        assert batch.is_contiguous(memory_format=memory_format)  # what the engine reads, without another copy
+        return batch
+
+    batch = stack([0, 2], context=1)
+    assert batch.shape == (2, 6, 3, 4)
+    assert torch.equal(batch[1, 0], image[0, ..., 1]) and torch.equal(batch[1, 2], image[0, ..., 3])
+    assert torch.equal(batch[1, 4], image[1, ..., 2])
+    assert torch.equal(batch[0, 0], torch.zeros(3, 4))  # below the first slice
+    assert torch.equal(stack([4], context=0)[0], image[..., 4])
 
 
 def test_native_resolution_inference_pads_to_the_divisor_and_crops_back():

@@ -46,11 +46,6 @@ def slice_batch(volume: torch.Tensor, index: torch.Tensor, context: int,
     return stack.permute(0, 2, 1, 3, 4).reshape(n, c * k, x, y)
 
 
-def slice_stack(image: torch.Tensor, index: torch.Tensor, context: int) -> torch.Tensor:
-    """`slice_batch` of an unpadded (C, X, Y, Z) ``image``: (N, C * (2k + 1), X, Y)."""
-    return slice_batch(slice_volume(image, context), index, context)
-
-
 class _Pass:
     """One network on one (possibly flipped) image: its input made once, so that the several calls
     `near_tumour` makes for one case do not rebuild it. PyTorch's 2D convolutions run ~1.5-2x faster on CPU with
@@ -79,7 +74,7 @@ class _Pass:
             )[0]
         x, y, depth = self.shape
         context = self.spec.preprocess.context_slices
-        index = torch.arange(depth) if index is None else index.to(self.input.device)
+        index = torch.arange(depth, device=self.input.device) if index is None else index.to(self.input.device)
         outputs = [self.model(slice_batch(self.input, batch, context, self.memory_format))[..., :x, :y]
                    for batch in torch.split(index, cfg.slice_batch_size)]
         return torch.cat(outputs).permute(1, 2, 3, 0)

@@ -171,7 +171,7 @@ class PatchDataset(torch.utils.data.Dataset):
         sample = {"image": case.image, "label": case.seg[None], "fg": case.fg, "bg": case.bg}
         sample = self.pad(self.crop(sample)[0])
         sample = {k: sample[k] for k in ("image", "label")}
-        if self.cfg.model.spatial_dims == 2:  # (C, X, Y, 2k + 1) -> (C * (2k + 1), X, Y), as inference.slice_stack
+        if self.cfg.model.spatial_dims == 2:  # (C, X, Y, 2k + 1) -> (C * (2k + 1), X, Y), as inference.slice_batch
             image = np.asarray(sample["image"])
             sample = {"image": np.moveaxis(image, -1, 1).reshape(-1, *image.shape[1:3]),
                       "label": np.asarray(sample["label"])[..., self.context]}
