@@ -177,6 +177,14 @@ class AugmentConfig(Strict):
     )
 
 
+class AuxiliaryConfig(Strict):
+    """Extra training cases labelled with the whole tumour only, mixed into a BraTS regions model's samples
+    (`neuromap.training.auxiliary`: skull stripping, 2.5D context and the partial labels are handled there)."""
+
+    data_roots: list[str] = Field(min_length=1, description="folders of LGG kaggle_3m patients (slices + masks)")
+    share: float = Field(0.25, gt=0, lt=1, description="share of training samples drawn from these cases")
+
+
 class SplitConfig(Strict):
     """Patient-level split. ``ratios`` are (train, val[, test]); k-fold uses ``folds`` and ``fold``."""
 
@@ -224,6 +232,9 @@ class TrainConfig(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     tumour_sampling: float = Field(0.67, ge=0, le=1, description="share of samples centred on tumour")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    auxiliary: AuxiliaryConfig | None = Field(
+        None, description="whole-tumour-only cases added to the training samples (never to folds or validation)"
+    )
     seed: int = 0
     val_every: int = Field(1, ge=1)
     early_stopping_patience: int = Field(20, ge=1, description="validations without improvement before stopping")
@@ -274,6 +285,9 @@ class TrainConfig(Strict):
             raise ValueError("split.mode 'all' has no validation cases: set select: last")
         if self.model.out not in get_task(self.task).outputs:
             raise ValueError(f"task '{self.task}' uses model.out in {list(get_task(self.task).outputs)}")
+        if self.auxiliary is not None and (self.task != "brats" or self.model.out != "regions" or dims != 2):
+            raise ValueError("auxiliary whole-tumour cases need task 'brats', model.out 'regions' and a 2D model: "
+                             "only region outputs can learn WT while ignoring TC and ET")
         if self.class_weights is not None and len(self.class_weights) != self.out_channels:
             raise ValueError(f"class_weights needs {self.out_channels} numbers (one per output channel)")
         return self

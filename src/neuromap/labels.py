@@ -16,6 +16,9 @@ CLASS_NAMES: dict[int, str] = {NCR: "NCR/NET", ED: "ED", ET: "ET"}
 CLASS_KEYS: dict[int, str] = {NCR: "NCR", ED: "ED", ET: "ET"}
 # Regions as nnU-Net and the BraTS challenge define them: sets of internal labels.
 REGIONS: dict[str, tuple[int, ...]] = {"WT": (NCR, ED, ET), "TC": (NCR, ET), "ET": (ET,)}
+# Training only: tumour whose class is unknown (slices labelled with the whole tumour alone, e.g. LGG kaggle_3m masks
+# mixed into BraTS training by `neuromap.training.auxiliary`); it counts for WT and the loss ignores TC and ET there.
+UNKNOWN_TUMOUR = 255
 
 # convention name -> {label in that convention: internal label}
 CONVENTIONS: dict[str, dict[int, int]] = {

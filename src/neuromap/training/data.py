@@ -78,6 +78,7 @@ class PreparedCase:
     spacing: tuple[float, float, float]
     fg: np.ndarray  # flat indices of tumour voxels (for biased sampling)
     bg: np.ndarray  # flat indices of brain voxels without tumour
+    flat: bool = False  # thick slices (`neuromap.training.auxiliary`): 2.5D neighbours are replaced by the centre
 
 
 def find_training_cases(roots: list[str]) -> list[Case]:
@@ -142,10 +143,13 @@ def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """``iterations_per_epoch * batch_size`` random samples per epoch; 2D models get single axial slices."""
+    """``iterations_per_epoch * batch_size`` random samples per epoch; 2D models get single axial slices. With
+    ``auxiliary`` cases, a share ``cfg.auxiliary.share`` of the samples is drawn from them."""
 
-    def __init__(self, cases: list[PreparedCase], cfg: TrainConfig, rank: int = 0) -> None:
+    def __init__(self, cases: list[PreparedCase], cfg: TrainConfig, rank: int = 0,
+                 auxiliary: list[PreparedCase] | None = None) -> None:
         self.cases, self.cfg, self.rank, self.epoch = cases, cfg, rank, 0
+        self.auxiliary = auxiliary or []
         dims = cfg.model.spatial_dims
         self.context = cfg.preprocess.context_slices
         size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 2 * self.context + 1)
@@ -165,12 +169,18 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, index])
-        case = self.cases[int(rng.integers(len(self.cases)))]
+        if self.auxiliary and rng.random() < self.cfg.auxiliary.share:
+            case = self.auxiliary[int(rng.integers(len(self.auxiliary)))]
+        else:
+            case = self.cases[int(rng.integers(len(self.cases)))]
         self.crop.set_random_state(seed=int(rng.integers(2**31)))
         self.augment.set_random_state(seed=int(rng.integers(2**31)))
         sample = {"image": case.image, "label": case.seg[None], "fg": case.fg, "bg": case.bg}
         sample = self.pad(self.crop(sample)[0])
         sample = {k: sample[k] for k in ("image", "label")}
+        if case.flat:
+            image = np.asarray(sample["image"])
+            sample["image"] = np.repeat(image[..., self.context:self.context + 1], image.shape[-1], axis=-1)
         if self.cfg.model.spatial_dims == 2:  # (C, X, Y, 2k + 1) -> (C * (2k + 1), X, Y), as inference.slice_batch
             image = np.asarray(sample["image"])
             sample = {"image": np.moveaxis(image, -1, 1).reshape(-1, *image.shape[1:3]),

@@ -31,6 +31,7 @@ from neuromap.inference import predict_probs
 from neuromap.io.atomic import atomic_path
 from neuromap.io.output_checks import check_writable_folder
 from neuromap.tasks import task_of
+from neuromap.training.auxiliary import load_auxiliary
 from neuromap.training.data import (
     PatchDataset,
     find_training_cases,
@@ -134,6 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
     by_id = {c.case_id: c for c in cases}
     train_cases = [prepare_case(by_id[i], cfg) for i in split["train"]]
     val_cases = [prepare_case(by_id[i], cfg) for i in split["val"]] if rank == 0 else []
+    auxiliary = load_auxiliary(cfg) if cfg.auxiliary else []
     # Data first, folder second: a missing data root, an impossible split or an unusable case leaves no run folder.
     if rank == 0:
         _open_run_folder(run_dir)
@@ -171,7 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
         scheduler.load_state_dict(saved["scheduler"])
         state = {"cpu_seconds": 0.0, **saved["state"]}  # runs saved before the CPU budget existed
 
-    dataset = PatchDataset(train_cases, cfg, rank=rank)
+    dataset = PatchDataset(train_cases, cfg, rank=rank, auxiliary=auxiliary)
     # Workers are re-created every epoch (not persistent) so they see the epoch set on the dataset; samples are
     # seeded by index, so the batches are the same with any number of workers.
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
@@ -262,6 +264,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> RunR
             "best_val_dice_mean": state["best"], "wall_seconds": round(state["seconds"], 1),
             "cpu_seconds": round(state["cpu_seconds"], 1), "hardware": hardware(),
             "world_size": world, "split": {k: len(v) for k, v in split.items()}, "seed": cfg.seed,
+            "auxiliary": [c.case_id for c in auxiliary],
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if world > 1:

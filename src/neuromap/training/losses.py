@@ -6,7 +6,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 
 from neuromap.config import TrainConfig
-from neuromap.labels import REGIONS
+from neuromap.labels import REGIONS, UNKNOWN_TUMOUR
 
 
 def region_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,22 @@ class _CrossEntropy(torch.nn.Module):
 
 
 class _RegionAdapter(torch.nn.Module):
-    """Turn label targets into WT/TC/ET channels before a sigmoid loss."""
+    """Turn label targets into WT/TC/ET channels before a sigmoid loss.
+
+    Voxels labelled ``UNKNOWN_TUMOUR`` (whole-tumour-only cases) are WT; their TC and ET outputs are replaced by a
+    constant logit of "certainly absent" with a target of 0, so they add nothing to either Dice term or to the BCE
+    and pass no gradient: MONAI's losses take no per-channel mask, and this works with every loss named here.
+    """
 
     def __init__(self, loss: torch.nn.Module) -> None:
         super().__init__()
         self.loss = loss
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, region_targets(target))
+        regions = region_targets(target)
+        unknown = target == UNKNOWN_TUMOUR
+        if unknown.any():
+            regions[:, :1] = torch.maximum(regions[:, :1], unknown.float())
+            ignored = torch.cat([torch.zeros_like(unknown)] + [unknown] * (logits.shape[1] - 1), 1)  # not WT
+            logits = logits.masked_fill(ignored, -1e4)
+        return self.loss(logits, regions)
