@@ -46,10 +46,18 @@ def slice_batch(volume: torch.Tensor, index: torch.Tensor, context: int,
     return stack.permute(0, 2, 1, 3, 4).reshape(n, c * k, x, y)
 
 
+def memory_format_of(model: object, spec: ModelSpec) -> torch.memory_format:
+    """The memory layout a network's weights and inputs use, decided here for loading and inference alike.
+    PyTorch's 2D convolutions run ~1.5-2x faster on CPU with channels_last (oneDNN; measured on the shipped U-Net);
+    engines declare their own (the ONNX runtimes read plain NCHW); 3D networks keep what they have."""
+    if spec.model.spatial_dims == 3:
+        return torch.preserve_format
+    return getattr(model, "memory_format", torch.channels_last)
+
+
 class _Pass:
     """One network on one (possibly flipped) image: its input made once, so that the several calls
-    `near_tumour` makes for one case do not rebuild it. PyTorch's 2D convolutions run ~1.5-2x faster on CPU with
-    channels_last (oneDNN; measured on the shipped U-Net); the ONNX engines declare that they read plain NCHW."""
+    `near_tumour` makes for one case do not rebuild it."""
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, image: torch.Tensor, flip: tuple[int, ...]) -> None:
         self.model, self.spec, self.flip, self.task = model, spec, flip, task_of(spec)
@@ -58,7 +66,7 @@ class _Pass:
         if spec.model.spatial_dims == 3:
             self.input = image
         else:
-            self.memory_format = getattr(model, "memory_format", torch.channels_last)
+            self.memory_format = memory_format_of(model, spec)
             self.input = slice_volume(image, spec.preprocess.context_slices, spec.divisor, self.memory_format)
 
     def logits(self, cfg: InferenceConfig, index: torch.Tensor | None = None) -> torch.Tensor:

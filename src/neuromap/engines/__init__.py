@@ -128,6 +128,7 @@ def load_runner(checkpoint: Path, engine: str, device: torch.device, fallback: b
     so neither its module nor MONAI is imported: about 5 of the 18 CPU-seconds of a one-case `neuromap segment`
     process on the project's VM went to MONAI's import alone, twice the network's own run."""
     from neuromap.checkpoint import load_model, read_checkpoint
+    from neuromap.inference import memory_format_of
 
     path = Path(checkpoint).resolve()
     exported = _cached_onnx_path(path) if engine in EXPORTED else None  # hashes the checkpoint: once
@@ -139,8 +140,7 @@ def load_runner(checkpoint: Path, engine: str, device: torch.device, fallback: b
             if not fallback:
                 raise
     model, spec = load_model(path)
-    memory_format = torch.channels_last if spec.model.spatial_dims == 2 else torch.preserve_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format_of(model, spec))
     return wrap_model(model, spec, engine, path, fallback=fallback), spec
 
 

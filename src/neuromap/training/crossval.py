@@ -62,22 +62,24 @@ def out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
     for fold, held_out in held_out_cases(root, folds).items():
         segmenter = Segmenter(str(root / f"fold_{fold}" / "best.pt"), InferenceConfig())
         segmenter.segment([cases[case_id] for case_id in held_out], root / "oof", overwrite=True)
-    return score_out_of_fold(cfg, folds, hd95)
+    return score_out_of_fold(cfg, folds, hd95, cases)
 
 
 def held_out_cases(root: Path, folds: list[int]) -> dict[int, list[str]]:
     return {fold: json.loads((root / f"fold_{fold}" / "split.json").read_text())["val"] for fold in folds}
 
 
-def score_out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True) -> dict:
+def score_out_of_fold(cfg: TrainConfig, folds: list[int], hd95: bool = True, cases: dict | None = None) -> dict:
     """Score the predictions in ``<run>/oof/`` of the held-out cases of ``folds`` only: that folder may also hold
     other folds' predictions (folds run as parallel lanes, `neuromap cv --folds K` each, share it), which must
-    neither be scored nor make the evaluation refuse predictions it has no ground truth for."""
+    neither be scored nor make the evaluation refuse predictions it has no ground truth for. ``cases`` (id -> Case)
+    spares a second search of the data roots when the caller has them."""
     from neuromap.evaluation import evaluate
     from neuromap.training.data import find_training_cases
 
     root = run_root(cfg)
-    cases = {c.case_id: c for c in find_training_cases(cfg.data_roots)}
+    if cases is None:
+        cases = {c.case_id: c for c in find_training_cases(cfg.data_roots)}
     fold_of = {case_id: fold for fold, held_out in held_out_cases(root, folds).items() for case_id in held_out}
     with tempfile.TemporaryDirectory(prefix="neuromap-cv-") as tmp:
         # Links, nothing copied: the held-out case folders (cases from several data roots form one folder) and
