@@ -6,8 +6,12 @@ Variants, each in its own processes (so start-up and peak RSS are its own), inte
 load hits all of them:
   - default:     ``neuromap segment`` as shipped: engine auto (OpenVINO when installed), the next case read while
                  the model runs (``--workers 1``).
-  - torch-eager: ``neuromap segment --engine torch --workers 0``: the path before issue 13 (PyTorch eager,
-                 channels_last, cases read in turn).
+  - torch-eager: ``neuromap segment --engine torch --workers 0``: today's code without issue 13's engine and
+                 overlapped reading (PyTorch eager, channels_last, cases read in turn).
+  - release:     ``neuromap segment`` of the product as it was when issue 13 was filed (commit RELEASE_COMMIT,
+                 extracted with ``git archive`` from this repository's history into a temporary folder and run with
+                 the same Python environment): its own default model and code, i.e. "today's default" of the
+                 issue's goal (at least 2x faster end to end on the same machine in the same run).
   - monai:       the pipeline a MONAI user writes for this model from the tutorials: LoadImaged,
                  EnsureChannelFirstd, ConcatItemsd, Orientationd(RAS), Spacingd(the model's spacing),
                  NormalizeIntensityd(nonzero, channel-wise), DivisiblePadd(the network's divisor, in-plane), the
@@ -53,8 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "brats2018"
 DEFAULT_CASE = DATA / "Brats18_2013_2_1"
 RESULT = ROOT / "benchmarks" / "results" / "segment_speed.json"
-NEUROMAP_OPTIONS = {"default": [], "torch-eager": ["--engine", "torch", "--workers", "0"]}
-VARIANTS = ("default", "torch-eager", "monai")
+NEUROMAP_OPTIONS = {"default": [], "torch-eager": ["--engine", "torch", "--workers", "0"], "release": []}
+VARIANTS = ("default", "torch-eager", "monai", "release")
+RELEASE_COMMIT = "ca06df9"  # the last commit before issue 13's work (138aef9 added the engines)
 
 
 # ---------------------------------------------------------------------------------------------- child processes
@@ -149,9 +154,21 @@ def child(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- parent
 
-def run(variant: str, inputs: Path, out: Path, threads: int) -> dict:
+def extract_release(folder: Path) -> Path:
+    """The source tree of RELEASE_COMMIT in ``folder`` (its ``src`` goes first on the child's PYTHONPATH)."""
+    folder.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", RELEASE_COMMIT, "src"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src"
+
+
+def run(variant: str, inputs: Path, out: Path, threads: int, release_src: Path | None = None) -> dict:
     """One process of ``variant`` on ``inputs`` (a case or a folder of cases) writing into ``out``."""
     me = [sys.executable, __file__, "--threads", str(threads)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if variant == "release":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(release_src), env.get("PYTHONPATH")]))
     if variant == "monai":
         cmd = [*me, "--child", "monai", "--inputs", str(inputs), "--out", str(out)]
     else:
@@ -159,7 +176,7 @@ def run(variant: str, inputs: Path, out: Path, threads: int) -> dict:
                "--quiet", *NEUROMAP_OPTIONS[variant]]
     before, used = load_now(), resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # sums over waited children: the difference is this one
     cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
@@ -169,7 +186,7 @@ def run(variant: str, inputs: Path, out: Path, threads: int) -> dict:
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("*_report.json"))]
     if reports:
         result["model_s"] = sum(r["timings_s"]["inference_s"] for r in reports)
-        result["engine"] = reports[0]["engine"].split(":")[0]
+        result["engine"] = reports[0].get("engine", "torch").split(":")[0]  # the release's reports name none
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **result, "load_before": before,
             "load_after": load_now()}
 
@@ -197,9 +214,10 @@ def model_stage(case: Path, runs: int) -> dict:
     flops = {"default": slice_model_flops(net, spec, prepared.shape[1:3], prepared.shape[-1])}
     flops["torch-eager"] = flops["default"]
     flops["monai"] = slice_model_flops(net, spec, monai_image.shape[1:3], monai_image.shape[-1])
-    times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    in_process = VARIANTS[:3]  # the release's network runs only in its own processes
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in in_process}
     for i in range(runs):
-        for variant in VARIANTS[i % 3:] + VARIANTS[: i % 3]:
+        for variant in in_process[i % 3:] + in_process[: i % 3]:
             if variant == "monai":
                 timed = Timed(net)
                 monai_probabilities(timed, spec, monai_image)
@@ -234,15 +252,19 @@ def summarize(per_case: dict, cohort: dict, stage: dict, peak: dict, n_cohort: i
 
     rows = {}
     for v in VARIANTS:
+        # the release's network runs only in its own processes: no in-process model stage for it
+        stage_v = stage.get(v, {"wall_s": None, "cpu_s": None, "gflop": None})
         rows[v] = {
             "case_wall_s": round(median(v, "wall_s"), 2), "case_cpu_s": round(median(v, "cpu_s"), 2),
             "case_peak_rss_mb": max(r["peak_rss_mb"] for r in per_case[v]),
             "cohort_cases_per_min": round(n_cohort / cohort[v]["wall_s"] * 60, 2),
             "cohort_cases_per_cpu_min": round(n_cohort / cohort[v]["cpu_s"] * 60, 2),
             "cohort_peak_rss_mb": cohort[v]["peak_rss_mb"],
-            "model_stage_wall_s": stage[v]["wall_s"], "model_stage_cpu_s": stage[v]["cpu_s"],
-            "network_gflop": stage[v]["gflop"], "gflop_per_cpu_s": round(stage[v]["gflop"] / stage[v]["cpu_s"], 1),
-            "share_of_matmul_peak": round(stage[v]["gflop"] / stage[v]["cpu_s"] / peak["gflops_per_cpu_s_best"], 2),
+            "model_stage_wall_s": stage_v["wall_s"], "model_stage_cpu_s": stage_v["cpu_s"],
+            "network_gflop": stage_v["gflop"],
+            "gflop_per_cpu_s": round(stage_v["gflop"] / stage_v["cpu_s"], 1) if stage_v["gflop"] else None,
+            "share_of_matmul_peak": round(stage_v["gflop"] / stage_v["cpu_s"] / peak["gflops_per_cpu_s_best"], 2)
+            if stage_v["gflop"] else None,
         }
     for v in VARIANTS:
         rows[v]["default_faster_by"] = {
@@ -250,7 +272,8 @@ def summarize(per_case: dict, cohort: dict, stage: dict, peak: dict, n_cohort: i
             "case_cpu": round(rows[v]["case_cpu_s"] / rows["default"]["case_cpu_s"], 2),
             "cohort_wall": round(rows["default"]["cohort_cases_per_min"] / rows[v]["cohort_cases_per_min"], 2),
             "cohort_cpu": round(rows["default"]["cohort_cases_per_cpu_min"] / rows[v]["cohort_cases_per_cpu_min"], 2),
-            "model_stage_cpu": round(rows[v]["model_stage_cpu_s"] / rows["default"]["model_stage_cpu_s"], 2),
+            "model_stage_cpu": round(rows[v]["model_stage_cpu_s"] / rows["default"]["model_stage_cpu_s"], 2)
+            if rows[v]["model_stage_cpu_s"] else None,
         }
     return rows
 
@@ -261,15 +284,17 @@ def markdown(rows: dict, peak: dict) -> str:
              "| cohort peak RSS MB | model stage CPU s | GFLOP per CPU s (share of matmul peak) |",
              "|---|---|---|---|---|---|---|"]
     for v, r in rows.items():
+        rate = f"{r['gflop_per_cpu_s']} ({r['share_of_matmul_peak']:.0%})" if r["gflop_per_cpu_s"] else "n/a"
         lines.append(f"| {v} | {r['case_wall_s']} / {r['case_cpu_s']} | {r['case_peak_rss_mb']:.0f} "
                      f"| {r['cohort_cases_per_min']} / {r['cohort_cases_per_cpu_min']} | {r['cohort_peak_rss_mb']:.0f} "
-                     f"| {r['model_stage_cpu_s']} | {r['gflop_per_cpu_s']} ({r['share_of_matmul_peak']:.0%}) |")
+                     f"| {r['model_stage_cpu_s'] or 'n/a'} | {rate} |")
     lines += ["", "| default faster than | per case, wall / CPU | cohort, wall / CPU | model stage, CPU |",
               "|---|---|---|---|"]
     for v, r in rows.items():
         f = r["default_faster_by"]
+        stage_cell = f"{f['model_stage_cpu']}x" if f["model_stage_cpu"] else "n/a"
         lines.append(f"| {v} | {f['case_wall']}x / {f['case_cpu']}x | {f['cohort_wall']}x / {f['cohort_cpu']}x "
-                     f"| {f['model_stage_cpu']}x |")
+                     f"| {stage_cell} |")
     lines.append(f"\nmatmul peak: {peak['gflops_per_cpu_s_best']:.1f} GFLOP per CPU s, {peak['gflops_wall_best']:.1f} "
                  f"GFLOP/s wall ({peak['threads']} threads)")
     return "\n".join(lines)
@@ -302,12 +327,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="neuromap-bench-") as tmp:
         tmp = Path(tmp)
         run("default", case, tmp / "warm-up", args.threads)  # fills the engine cache; not counted
+        release = extract_release(tmp / "release")
         per_case: dict[str, list] = {v: [] for v in VARIANTS}
         outs = {}
+        n = len(VARIANTS)
         for i in range(args.runs):
-            for variant in VARIANTS[i % 3:] + VARIANTS[: i % 3]:
+            for variant in VARIANTS[i % n:] + VARIANTS[: i % n]:
                 outs[variant] = tmp / f"case-{variant}-{i}"
-                per_case[variant].append(run(variant, case, outs[variant], args.threads))
+                per_case[variant].append(run(variant, case, outs[variant], args.threads, release))
                 print(f"case run {i + 1}/{args.runs} {variant}: {per_case[variant][-1]['wall_s']} s", flush=True)
         result["per_case"] = per_case
         result["agreement_vs_default"] = agreement(outs)
@@ -319,7 +346,7 @@ def main() -> None:
         result["cohort_cases"] = names
         cohort = {}
         for variant in VARIANTS:
-            cohort[variant] = run(variant, cohort_dir, tmp / f"cohort-{variant}", args.threads)
+            cohort[variant] = run(variant, cohort_dir, tmp / f"cohort-{variant}", args.threads, release)
             print(f"cohort {variant}: {cohort[variant]['wall_s']} s for {len(names)} cases", flush=True)
         result["cohort"] = cohort
     result["model_stage"] = model_stage(case, args.runs)
