@@ -638,8 +638,9 @@ def test_dicom_zip_shows_the_mapping_lets_the_user_settle_a_tie_and_gives_a_dico
 @needs_real_data
 def test_dicom_series_on_different_grids_get_raw_preparation_ticked_and_segmented(app, media, tmp_path):
     """A DICOM study whose T2 series has a coarser in-plane grid: the page names the series and ticks 'Raw scans'
-    (the check `validate` makes for DICOM studies); segmented so (already skull-stripped: no deepbet), the labels,
-    brain mask and uncertainty map lie on the T1ce series' grid and the DICOM SEG references that series."""
+    (the check `validate` makes for DICOM studies); segmented so (already skull-stripped: no deepbet) with the
+    FLAIR chosen as reference sequence and N4 ticked, the labels, brain mask and uncertainty map lie on the FLAIR
+    series' grid, the DICOM SEG references that series and the report records both choices."""
     from test_dicom import MODALITIES, case_images
 
     small = case_images((slice(60, 124), slice(70, 134), slice(70, 90)))  # 20 slices: enough to co-register
@@ -651,21 +652,26 @@ def test_dicom_series_on_different_grids_get_raw_preparation_ticked_and_segmente
     assert "different voxel grids" in notice and "t2: #4 'AX T2 FSE' 32x32x20" in notice
     assert app.checkbox(key="raw_0_True").value and not button(app, "Segment").disabled
     app.checkbox(key="stripped_0").check().run()
+    reference = app.selectbox(key="reference_0")
+    # the sequences the model (the tiny four-sequence checkpoint) reads; automatic = the T1ce
+    assert reference.options == ["Automatic (T1ce (contrast))", "T1", "T1ce (contrast)", "T2", "FLAIR"]
+    reference.set_value("flair").run()
+    app.checkbox(key="n4_0").check().run()
     button(app, "Segment").click().run(timeout=900)
     assert not app.exception and not app.error, text_of(app.error)
     files = downloads(app, media)
     report = json.loads(files["Report (JSON)"])
-    assert report["raw_preparation"]["reference"] == "t1ce"
+    assert report["raw_preparation"]["reference"] == "flair" and report["raw_preparation"]["n4"] is True
     assert report["raw_preparation"]["brain_mask"]["method"] == "non-zero voxels (--skull-stripped)"
-    t1ce = small["t1ce"]
+    flair = small["flair"]
     for label in ("Label map (NIfTI, input grid)", "Brain mask (NIfTI, input grid)",
                   "Uncertainty map (NIfTI, input grid, 0-255)"):
         image = nib.Nifti1Image.from_bytes(gzip.decompress(files[label]))
-        assert image.shape == t1ce.shape, label
-        np.testing.assert_allclose(image.affine, t1ce.affine, atol=1e-3)
+        assert image.shape == flair.shape, label
+        np.testing.assert_allclose(image.affine, flair.affine, atol=1e-3)
     (seg_label,) = [k for k in files if k.startswith("DICOM SEG")]
     seg = pydicom.dcmread(io.BytesIO(files[seg_label]))
-    assert seg.Modality == "SEG" and f"on series {report['inputs']['t1ce'].split()[0]}" in seg_label
+    assert seg.Modality == "SEG" and f"on series {report['inputs']['flair'].split()[0]}" in seg_label
 
 
 @needs_real_data

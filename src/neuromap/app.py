@@ -46,6 +46,7 @@ from neuromap.io.dicom_map import StudyChoice, map_study, propose
 from neuromap.io.layout import UNCERTAINTY
 from neuromap.labels import CONVENTIONS
 from neuromap.prepare_raw import RawOptions
+from neuromap.prepare_raw.inputs import choose_reference
 from neuromap.prepare_raw.layout import BRAIN_MASK, prepared_key
 from neuromap.report import RESEARCH_NOTICE
 from neuromap.segmenter import Segmenter, SegmentResult
@@ -78,12 +79,12 @@ TABLE = "the web app's series table"  # who chose a DICOM study's series (the re
 TEXTS = {"reading": "Reading the sequences", "read": "Raw scans: reading each sequence on its own grid",
          "register": "Raw scans: co-registering the sequences to the reference (rigid, mutual information)",
          "resample": "Raw scans: resampling to the 1 mm grid", "brain_mask": "Raw scans: finding the brain (deepbet)",
-         "quality": "Raw scans: checking the registrations",
+         "quality": "Raw scans: checking the registrations", "n4": "Raw scans: bias-field correction (N4)",
          "preparing": "Preparing (reorienting, cropping, normalising)",
          "model": "Running the model (CPU: the longest step)", "writing": "Writing the results"}
 STARTS = {False: {"reading": 0.05, "preparing": 0.18, "model": 0.3, "writing": 0.9},
           True: {"reading": 0.02, "read": 0.03, "register": 0.05, "resample": 0.3, "brain_mask": 0.35, "quality": 0.6,
-                 "preparing": 0.65, "model": 0.7, "writing": 0.95}}
+                 "n4": 0.62, "preparing": 0.65, "model": 0.7, "writing": 0.95}}
 STAGES = {raw: {name: (start, TEXTS[name]) for name, start in starts.items()} for raw, starts in STARTS.items()}
 # Session-state keys that describe the current case; all dropped together when its files are deleted.
 CASE_KEYS = ("staged", "study", "upload_error", "ignored", "case_fallback", "result", "run_error", "model_sig",
@@ -304,9 +305,9 @@ def checkpoint_modalities(path: str, mtime: float) -> list[str]:
     return ModelSpec.from_dict(read_checkpoint(path)["spec"]).modalities
 
 
-def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | None]:
+def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | None, list[str]]:
     """What pressing Segment will do with the sequences ``chosen``: (a sentence naming the model and how well it
-    was measured, the reason Segment is disabled or None)."""
+    was measured, the reason Segment is disabled or None, the sequences the model reads)."""
     have = ", ".join(SEQUENCE_NAMES[m] for m in chosen) or "none"
     if model is None:
         usable = usable_models(chosen, APP_TASK)
@@ -314,10 +315,10 @@ def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | 
             needs = "; ".join(f"{m.name} needs {', '.join(SEQUENCE_NAMES[x] for x in m.modalities)}"
                               for m in shipped_models().values() if m.task == APP_TASK)
             return "", (f"No shipped model works with the sequences set ({have}): {needs}. Upload the missing files, "
-                        "or set their sequence in the table.")
+                        "or set their sequence in the table."), []
         best = usable[0]
         return (f"Automatic choice: **{best.name}** on {', '.join(SEQUENCE_NAMES[m] for m in best.modalities)}; "
-                f"{best.validation_text()}."), None
+                f"{best.validation_text()}."), None, list(best.modalities)
     shipped = shipped_models()
     if str(model) in shipped:
         spec_needs, about = list(shipped[str(model)].modalities), shipped[str(model)].validation_text()
@@ -325,14 +326,14 @@ def model_plan(model: str | Path | None, chosen: list[str]) -> tuple[str, str | 
         try:
             spec_needs = checkpoint_modalities(str(model), Path(model).stat().st_mtime)
         except (NeuroMapError, OSError) as exc:
-            return "", f"The checkpoint cannot be read: {web_message(str(exc), workspace().root, {})}"
+            return "", f"The checkpoint cannot be read: {web_message(str(exc), workspace().root, {})}", []
         about = "a checkpoint not shipped with NeuroMap (its card, if any, is not known here)"
     missing = [SEQUENCE_NAMES[m] for m in spec_needs if m not in chosen]
     plan = f"Model **{Path(str(model)).name}** on {', '.join(SEQUENCE_NAMES[m] for m in spec_needs)}; {about}."
     if missing:
         return plan, (f"This model needs {', '.join(missing)}, which no file is set to. Upload it and set its "
-                      "sequence in the table, or choose another model.")
-    return plan, None
+                      "sequence in the table, or choose another model."), spec_needs
+    return plan, None, spec_needs
 
 
 def upload_case(chosen: dict[str, Hashable], names: dict[Hashable, str]) -> Case:
@@ -454,16 +455,16 @@ def case_panel(staged: list[StagedFile] | None, study: DicomUpload | None, model
         more = f" and {len(ignored) - 8} more" if len(ignored) > 8 else ""
         st.caption(f"Not used from the zip: {', '.join(ignored[:8])}{more}")
     labels = {row.key: row.name for row in rows}
-    plan, blocked, case, off_grid = "", None, None, []
+    plan, blocked, case, off_grid, reads = "", None, None, [], []
     try:
         chosen = chosen_sequences(table, labels)
         modalities = sorted(chosen, key=MODALITIES.index)
-        plan, blocked = ("", model_problem) if model_problem else model_plan(model, modalities)
+        plan, blocked, reads = ("", model_problem, []) if model_problem else model_plan(model, modalities)
         case = upload_case(chosen, labels)
         off_grid = [web_message(line, ws.root, names) for line in case.layout.off_grid(case, modalities)]
     except NeuroMapError as exc:
         blocked = blocked or web_message(str(exc), ws.root, names)
-    raw, raw_blocked = raw_panel(off_grid) if case else (None, None)
+    raw, raw_blocked = raw_panel(off_grid, reads) if case else (None, None)
     blocked = blocked or raw_blocked
     if plan:
         st.markdown(plan)
@@ -482,10 +483,11 @@ def case_panel(staged: list[StagedFile] | None, study: DicomUpload | None, model
         st.error(f"Segmentation failed: {st.session_state.run_error}", icon=":material/error:")
 
 
-def raw_panel(off_grid: list[str]) -> tuple[RawOptions | None, str | None]:
+def raw_panel(off_grid: list[str], reads: list[str]) -> tuple[RawOptions | None, str | None]:
     """The raw-scan option (``neuromap segment --raw``), ticked for the user when the sequences lie on different
-    voxel grids (``off_grid``, the check that makes ``validate`` suggest --raw): (its options or None, the reason
-    Segment is disabled or None)."""
+    voxel grids (``off_grid``, the check that makes ``validate`` suggest --raw), with its choices: the reference
+    sequence among those the model ``reads`` (``--reference``), skull already stripped, N4 (``--n4``). Returns
+    (its options or None, the reason Segment is disabled or None)."""
     round_ = st.session_state.get("upload_round", 0)
     if off_grid:
         st.info("The sequences lie on different voxel grids, as raw scans from a scanner do:\n\n"
@@ -504,7 +506,18 @@ def raw_panel(off_grid: list[str]) -> tuple[RawOptions | None, str | None]:
                       if off_grid else None)
     stripped = st.checkbox("Already skull-stripped (the brain is the non-zero voxels; deepbet is not run)",
                            key=f"stripped_{round_}")
-    return RawOptions(skull_stripped=stripped, save_brain_mask=True, save_prepared=True), None
+    automatic = choose_reference(reads) if reads else None
+    options = [None, *[m for m in MODALITIES if m in reads]]
+    reference = st.selectbox(
+        "Reference sequence", options, key=f"reference_{round_}",
+        format_func=lambda m: f"Automatic ({SEQUENCE_NAMES[automatic]})" if m is None and automatic
+        else "Automatic" if m is None else SEQUENCE_NAMES[m],
+        help="The other sequences are registered to it, and the labels are written on its voxel grid. Automatic: "
+             "T1ce, else FLAIR (the sharpest and most often thin-sliced).")
+    n4 = st.checkbox("Bias-field correction (N4) after brain extraction", key=f"n4_{round_}",
+                     help="For scans with strong intensity inhomogeneity (e.g. surface coils); adds tens of seconds.")
+    return RawOptions(reference=reference, skull_stripped=stripped, n4=n4, save_brain_mask=True,
+                      save_prepared=True), None
 
 
 # ---------------------------------------------------------------------------------------------------- results
