@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import BRATS, LGG, needs_real_data
 
 from neuromap.config import TrainConfig, parse_config
 from neuromap.errors import NeuroMapError
 from neuromap.labels import ED, ET, NCR, UNKNOWN_TUMOUR
 from neuromap.training.losses import make_loss
-from tests.conftest import BRATS, LGG, needs_real_data
 
 
 def _config(**extra) -> TrainConfig:
