@@ -154,12 +154,18 @@ def child(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- parent
 
-def extract_release(folder: Path) -> Path:
-    """The source tree of RELEASE_COMMIT in ``folder`` (its ``src`` goes first on the child's PYTHONPATH)."""
+def extract_release(folder: Path) -> Path | None:
+    """The source tree of RELEASE_COMMIT in ``folder`` (its ``src`` goes first on the child's PYTHONPATH), or None
+    when this checkout cannot provide it (no git, or a shallow clone without that commit)."""
     folder.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", RELEASE_COMMIT, "src"], capture_output=True,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", RELEASE_COMMIT, "src"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"release variant skipped: commit {RELEASE_COMMIT} is not available here ({exc}); fetch the full "
+              "history (git fetch --unshallow) to measure it", flush=True)
+        return None
     return folder / "src"
 
 
@@ -245,13 +251,15 @@ def agreement(outs: dict[str, Path]) -> dict:
 
 
 def summarize(per_case: dict, cohort: dict, stage: dict, peak: dict, n_cohort: int) -> dict:
-    """One row per variant: medians over the per-case runs, cohort rates, model-stage rates, and how many times
-    faster (less CPU) the default is than each."""
+    """One row per variant measured (``per_case``'s keys): medians over the per-case runs, cohort rates,
+    model-stage rates, and how many times faster (less CPU) the default is than each."""
+    variants = list(per_case)
+
     def median(v: str, key: str) -> float:
         return statistics.median(r[key] for r in per_case[v])
 
     rows = {}
-    for v in VARIANTS:
+    for v in variants:
         # the release's network runs only in its own processes: no in-process model stage for it
         stage_v = stage.get(v, {"wall_s": None, "cpu_s": None, "gflop": None})
         rows[v] = {
@@ -266,7 +274,7 @@ def summarize(per_case: dict, cohort: dict, stage: dict, peak: dict, n_cohort: i
             "share_of_matmul_peak": round(stage_v["gflop"] / stage_v["cpu_s"] / peak["gflops_per_cpu_s_best"], 2)
             if stage_v["gflop"] else None,
         }
-    for v in VARIANTS:
+    for v in variants:
         rows[v]["default_faster_by"] = {
             "case_wall": round(rows[v]["case_wall_s"] / rows["default"]["case_wall_s"], 2),
             "case_cpu": round(rows[v]["case_cpu_s"] / rows["default"]["case_cpu_s"], 2),
@@ -328,11 +336,12 @@ def main() -> None:
         tmp = Path(tmp)
         run("default", case, tmp / "warm-up", args.threads)  # fills the engine cache; not counted
         release = extract_release(tmp / "release")
-        per_case: dict[str, list] = {v: [] for v in VARIANTS}
+        variants = VARIANTS if release else VARIANTS[:3]
+        per_case: dict[str, list] = {v: [] for v in variants}
         outs = {}
-        n = len(VARIANTS)
+        n = len(variants)
         for i in range(args.runs):
-            for variant in VARIANTS[i % n:] + VARIANTS[: i % n]:
+            for variant in variants[i % n:] + variants[: i % n]:
                 outs[variant] = tmp / f"case-{variant}-{i}"
                 per_case[variant].append(run(variant, case, outs[variant], args.threads, release))
                 print(f"case run {i + 1}/{args.runs} {variant}: {per_case[variant][-1]['wall_s']} s", flush=True)
@@ -345,7 +354,7 @@ def main() -> None:
             (cohort_dir / name).symlink_to(DATA / name)
         result["cohort_cases"] = names
         cohort = {}
-        for variant in VARIANTS:
+        for variant in variants:
             cohort[variant] = run(variant, cohort_dir, tmp / f"cohort-{variant}", args.threads, release)
             print(f"cohort {variant}: {cohort[variant]['wall_s']} s for {len(names)} cases", flush=True)
         result["cohort"] = cohort
