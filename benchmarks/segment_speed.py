@@ -58,7 +58,8 @@ DATA = ROOT.parent / "shared" / "data" / "brats2018"
 DEFAULT_CASE = DATA / "Brats18_2013_2_1"
 RESULT = ROOT / "benchmarks" / "results" / "segment_speed.json"
 NEUROMAP_OPTIONS = {"default": [], "torch-eager": ["--engine", "torch", "--workers", "0"], "release": []}
-VARIANTS = ("default", "torch-eager", "monai", "release")
+IN_PROCESS = ("default", "torch-eager", "monai")  # the variants whose network the model stage times here
+VARIANTS = (*IN_PROCESS, "release")  # the release's network runs only in its own processes
 RELEASE_COMMIT = "ca06df9"  # the last commit before issue 13's work (138aef9 added the engines)
 
 
@@ -220,10 +221,10 @@ def model_stage(case: Path, runs: int) -> dict:
     flops = {"default": slice_model_flops(net, spec, prepared.shape[1:3], prepared.shape[-1])}
     flops["torch-eager"] = flops["default"]
     flops["monai"] = slice_model_flops(net, spec, monai_image.shape[1:3], monai_image.shape[-1])
-    in_process = VARIANTS[:3]  # the release's network runs only in its own processes
-    times: dict[str, list[tuple[float, float]]] = {v: [] for v in in_process}
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in IN_PROCESS}
+    n = len(IN_PROCESS)
     for i in range(runs):
-        for variant in in_process[i % 3:] + in_process[: i % 3]:
+        for variant in IN_PROCESS[i % n:] + IN_PROCESS[: i % n]:
             if variant == "monai":
                 timed = Timed(net)
                 monai_probabilities(timed, spec, monai_image)
@@ -260,7 +261,7 @@ def summarize(per_case: dict, cohort: dict, stage: dict, peak: dict, n_cohort: i
 
     rows = {}
     for v in variants:
-        # the release's network runs only in its own processes: no in-process model stage for it
+        # variants outside IN_PROCESS (the release) have no model stage timed here
         stage_v = stage.get(v, {"wall_s": None, "cpu_s": None, "gflop": None})
         rows[v] = {
             "case_wall_s": round(median(v, "wall_s"), 2), "case_cpu_s": round(median(v, "cpu_s"), 2),
@@ -336,7 +337,7 @@ def main() -> None:
         tmp = Path(tmp)
         run("default", case, tmp / "warm-up", args.threads)  # fills the engine cache; not counted
         release = extract_release(tmp / "release")
-        variants = VARIANTS if release else VARIANTS[:3]
+        variants = VARIANTS if release else IN_PROCESS
         per_case: dict[str, list] = {v: [] for v in variants}
         outs = {}
         n = len(variants)

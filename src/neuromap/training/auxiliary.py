@@ -23,7 +23,6 @@ import sys
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from monai.transforms.utils import map_binary_to_indices
 
 from neuromap.config import TrainConfig
 from neuromap.io import load_case
@@ -49,10 +48,9 @@ def _brain_mask(slices: np.ndarray) -> np.ndarray:
     grid = sitk.Image([round(cols * IN_PLANE_MM), round(rows * IN_PLANE_MM), round(STACK_EXTENT_MM)],
                       sitk.sitkFloat32)
     on_grid = sitk.GetArrayFromImage(sitk.Resample(stack, grid, sitk.Transform(), sitk.sitkLinear))  # (z, y, x)
-    # columns reversed, rows reversed: the R, A, S axes deepbet was trained on (as SLICES_TO_RAS)
-    ras = np.ascontiguousarray(on_grid.transpose(2, 1, 0)[::-1, ::-1])
-    mask = extract_brain(ras, np.eye(4))[::-1, ::-1].transpose(2, 1, 0).astype(np.uint8)
-    mask_image = sitk.GetImageFromArray(np.ascontiguousarray(mask))
+    # (rows, cols, slices) with their RAS axes: extract_brain turns them to the orientation deepbet was trained on
+    mask = extract_brain(on_grid.transpose(1, 2, 0), SLICES_TO_RAS).astype(np.uint8)
+    mask_image = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 0, 1)))
     back = sitk.Resample(mask_image, stack, sitk.Transform(), sitk.sitkNearestNeighbor)
     return sitk.GetArrayFromImage(back).transpose(1, 2, 0) > 0
 
@@ -79,8 +77,6 @@ def load_auxiliary(cfg: TrainConfig) -> list[PreparedCase]:
         volume.reference = nib.Nifti1Image(volume.reference.dataobj, SLICES_TO_RAS)
         volume.seg = np.where(tumour & brain, UNKNOWN_TUMOUR, 0).astype(np.uint8)
         prepared = prepare(volume, cfg.preprocess)
-        seg = prepared.seg.astype(np.uint8)
-        fg, bg = map_binary_to_indices(seg[None] > 0, prepared.image, image_threshold=0.0)
-        out.append(PreparedCase(case.case_id, prepared.image, seg, prepared.spacing, np.asarray(fg), np.asarray(bg),
-                                flat=True))
+        out.append(PreparedCase.indexed(case.case_id, prepared.image, prepared.seg.astype(np.uint8),
+                                        prepared.spacing, flat=True))
     return out

@@ -80,6 +80,13 @@ class PreparedCase:
     bg: np.ndarray  # flat indices of brain voxels without tumour
     flat: bool = False  # thick slices (`neuromap.training.auxiliary`): 2.5D neighbours are replaced by the centre
 
+    @classmethod
+    def indexed(cls, case_id: str, image: np.ndarray, seg: np.ndarray, spacing: tuple[float, float, float],
+                flat: bool = False) -> PreparedCase:
+        """The case with the tumour and brain voxel indices that the tumour-biased sampling draws from."""
+        fg, bg = map_binary_to_indices(seg[None] > 0, image, image_threshold=0.0)
+        return cls(case_id, image, seg, spacing, np.asarray(fg), np.asarray(bg), flat)
+
 
 def find_training_cases(roots: list[str]) -> list[Case]:
     if not roots:
@@ -102,8 +109,7 @@ def prepare_case(case: Case, cfg: TrainConfig) -> PreparedCase:
     volume = load_case(case, cfg.preprocess.modalities, with_seg=True)
     prepared = prepare(volume, cfg.preprocess)
     seg = get_task(cfg.task).training_target(prepared.seg.astype(np.uint8))
-    fg, bg = map_binary_to_indices(seg[None] > 0, prepared.image, image_threshold=0.0)
-    return PreparedCase(case.case_id, prepared.image, seg, prepared.spacing, np.asarray(fg), np.asarray(bg))
+    return PreparedCase.indexed(case.case_id, prepared.image, seg, prepared.spacing)
 
 
 def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
