@@ -167,6 +167,29 @@ def is_l(letter: np.ndarray) -> bool:
     return letter[: rows // 2, columns // 2 + 1:].mean() < 0.05
 
 
+def prompts(page) -> list[str]:
+    """The cells' input prompts: '[ ]:' not run, '[*]:' queued or running, '[1]:' done."""
+    return [text.strip() for text in page.locator(".jp-Cell .jp-InputPrompt").all_inner_texts()]
+
+
+def run_all_cells(page, sync_api, attempts: int = 3) -> None:
+    """Run > Run All Cells once the kernel is attached, clicked again if no cell was queued: JupyterLab drops the
+    cells silently (their prompts stay '[ ]:') when they are run while the session has no kernel yet, which once
+    happened in CI although the execution indicator already said idle."""
+    for _ in range(attempts):
+        page.locator(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status=idle]").wait_for(
+            timeout=DRAW_TIMEOUT_S * 1000)  # the kernel has started
+        page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=DRAW_TIMEOUT_S * 1000)  # and is attached
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(text != "[ ]:" for text in prompts(page)):
+                return
+            page.wait_for_timeout(1000)
+    pytest.fail(f"Run All Cells queued no cell in {attempts} attempts; prompts: {prompts(page)}")
+
+
 def test_result_show_draws_in_jupyterlab(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     for package, extra in (("jupyterlab", "dev"), ("ipyniivue", "app")):  # the kernel runs in this environment
@@ -187,10 +210,7 @@ def test_result_show_draws_in_jupyterlab(tmp_path: Path) -> None:
             page = browser.new_page(viewport={"width": 1100, "height": 1300})
             page.set_default_timeout(180_000)  # a screenshot waits for frames, which a loaded software GPU delays
             page.goto(f"{url}/lab/tree/view.ipynb?token={token}")
-            page.locator(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status=idle]").wait_for(
-                timeout=DRAW_TIMEOUT_S * 1000)  # the kernel has started
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.get_by_text("Run All Cells", exact=True).click()
+            run_all_cells(page, sync_api)
             canvases = page.locator(".jp-OutputArea-output canvas")
             error = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
             try:
@@ -198,7 +218,8 @@ def test_result_show_draws_in_jupyterlab(tmp_path: Path) -> None:
             except sync_api.TimeoutError:  # what the page showed, for whoever reads the failure
                 page.screenshot(path=str(tmp_path / "timeout.png"))
                 pytest.fail(f"no second viewer within {DRAW_TIMEOUT_S} s; segmentation written: {out.is_dir()}; "
-                            f"canvases drawn: {canvases.count()}; page: {tmp_path / 'timeout.png'}")
+                            f"canvases drawn: {canvases.count()}; prompts: {prompts(page)}; "
+                            f"page: {tmp_path / 'timeout.png'}")
             page.screenshot(path=str(tmp_path / "notebook_running.png"))
             assert not error.count(), f"a cell failed:\n{error.first.inner_text()}"
 
