@@ -175,6 +175,9 @@ class AugmentConfig(Strict):
     low_resolution: tuple[float, float] | None = Field(
         None, description="RandSimulateLowResolution zoom range (e.g. [0.5, 1.0]): older, thicker-slice scans"
     )
+    stand_in: float = Field(0.0, ge=0, le=1, description="probability that some of a sample's other sequences are "
+                            "replaced by a copy of stand_in_source (kaggle_3m's missing-sequence convention); 0 = off")
+    stand_in_source: str = Field("flair", description="the sequence copied over the others")
 
 
 class AuxiliaryConfig(Strict):
@@ -288,6 +291,9 @@ class TrainConfig(Strict):
         if self.auxiliary is not None and (self.task != "brats" or self.model.out != "regions" or dims != 2):
             raise ValueError("auxiliary whole-tumour cases need task 'brats', model.out 'regions' and a 2D model: "
                              "only region outputs can learn WT while ignoring TC and ET")
+        if self.augment.stand_in and canonical_modality(self.augment.stand_in_source) not in self.preprocess.modalities:
+            raise ValueError(f"augment.stand_in_source {self.augment.stand_in_source!r} is not one of the model's "
+                             f"sequences {self.preprocess.modalities}")
         if self.class_weights is not None and len(self.class_weights) != self.out_channels:
             raise ValueError(f"class_weights needs {self.out_channels} numbers (one per output channel)")
         return self

@@ -16,11 +16,12 @@ import torch
 from monai import transforms as mt
 from monai.transforms.utils import map_binary_to_indices
 
-from neuromap.config import AugmentConfig, SplitConfig, TrainConfig
+from neuromap.config import AugmentConfig, SplitConfig, TrainConfig, canonical_modality
 from neuromap.errors import NeuroMapError
 from neuromap.io import Case, discover_cases, duplicate_ids, load_case
 from neuromap.preprocess import prepare
 from neuromap.tasks import get_task
+from neuromap.training.stand_in import RandStandInd
 
 
 def site_of(case_id: str) -> str:
@@ -112,9 +113,11 @@ def prepare_case(case: Case, cfg: TrainConfig) -> PreparedCase:
     return PreparedCase.indexed(case.case_id, prepared.image, seg, prepared.spacing)
 
 
-def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
+def augmentations(cfg: AugmentConfig, dims: int, channels: list[str]) -> list[mt.Transform]:
     """MONAI dictionary transforms; images bilinear, labels nearest. The intensity transforms after the spatial
-    ones imitate other scanners and older protocols (bias field, contrast, noise, blur, thick slices)."""
+    ones imitate other scanners and older protocols (bias field, contrast, noise, blur, thick slices); the stand-in
+    copies come last, so they are exact copies as in the data they imitate. ``channels`` names each input
+    channel's sequence."""
     keys, modes = ["image", "label"], ("bilinear", "nearest")
     out: list[mt.Transform] = []
     if cfg.flip:
@@ -145,6 +148,8 @@ def augmentations(cfg: AugmentConfig, dims: int) -> list[mt.Transform]:
                                           sigma_z=cfg.blur_sigma, prob=cfg.prob))
     if cfg.noise_std > 0:
         out.append(mt.RandGaussianNoised("image", prob=cfg.prob, std=cfg.noise_std))
+    if cfg.stand_in > 0:
+        out.append(RandStandInd("image", channels, canonical_modality(cfg.stand_in_source), cfg.stand_in))
     return out
 
 
@@ -165,7 +170,9 @@ class PatchDataset(torch.utils.data.Dataset):
             allow_smaller=True,
         )
         self.pad = mt.SpatialPadd(["image", "label"], spatial_size=size)
-        self.augment = mt.Compose(augmentations(cfg.augment, dims))
+        slices = 2 * self.context + 1 if dims == 2 else 1  # 2D samples: each sequence's slices, consecutive
+        channels = [name for name in cfg.preprocess.modalities for _ in range(slices)]
+        self.augment = mt.Compose(augmentations(cfg.augment, dims, channels))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
