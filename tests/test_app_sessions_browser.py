@@ -74,7 +74,12 @@ def test_closing_a_queued_users_tab_drops_its_job_and_folder(tmp_path: Path) -> 
                             if page.get_by_text("Waiting, 1 ahead (one segmentation runs at a time)").count())
                 return bool(seen)
 
-            assert eventually(someone_waits, 60), "neither page showed that it waits behind the other"
+            shown = {case: page.get_by_test_id("stProgress") for case, (_, page) in users.items()}
+            done = {case: page.get_by_text(f"Done: {case} in") for case, (_, page) in users.items()}
+            assert eventually(someone_waits, 60), (  # what each page showed instead, for whoever reads a failure
+                "neither page showed that it waits behind the other; progress bars: "
+                f"{ {case: bar.all_inner_texts() for case, bar in shown.items()} }, "
+                f"finished: {[case for case, text in done.items() if text.count()]}")
             waiting = seen[0]
             (running,) = set(CASES) - {waiting}
             before = folders(server_tmp)
