@@ -172,7 +172,7 @@ def prompts(page) -> list[str]:
     return [text.strip() for text in page.locator(".jp-Cell .jp-InputPrompt").all_inner_texts()]
 
 
-def run_all_cells(page, sync_api, attempts: int = 3) -> None:
+def run_all_cells(page, attempts: int = 3) -> None:
     """Run > Run All Cells once the kernel is attached, clicked again if no cell was queued: JupyterLab drops the
     cells silently (their prompts stay '[ ]:') when they are run while the session has no kernel yet, which once
     happened in CI although the execution indicator already said idle."""
@@ -210,7 +210,7 @@ def test_result_show_draws_in_jupyterlab(tmp_path: Path) -> None:
             page = browser.new_page(viewport={"width": 1100, "height": 1300})
             page.set_default_timeout(180_000)  # a screenshot waits for frames, which a loaded software GPU delays
             page.goto(f"{url}/lab/tree/view.ipynb?token={token}")
-            run_all_cells(page, sync_api)
+            run_all_cells(page)
             canvases = page.locator(".jp-OutputArea-output canvas")
             error = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
             try:

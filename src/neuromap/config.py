@@ -179,6 +179,11 @@ class AugmentConfig(Strict):
                             "replaced by a copy of stand_in_source (kaggle_3m's missing-sequence convention); 0 = off")
     stand_in_source: str = Field("flair", description="the sequence copied over the others")
 
+    @field_validator("stand_in_source")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return canonical_modality(value)
+
 
 class AuxiliaryConfig(Strict):
     """Extra training cases labelled with the whole tumour only, mixed into a BraTS regions model's samples
@@ -291,7 +296,7 @@ class TrainConfig(Strict):
         if self.auxiliary is not None and (self.task != "brats" or self.model.out != "regions" or dims != 2):
             raise ValueError("auxiliary whole-tumour cases need task 'brats', model.out 'regions' and a 2D model: "
                              "only region outputs can learn WT while ignoring TC and ET")
-        if self.augment.stand_in and canonical_modality(self.augment.stand_in_source) not in self.preprocess.modalities:
+        if self.augment.stand_in and self.augment.stand_in_source not in self.preprocess.modalities:
             raise ValueError(f"augment.stand_in_source {self.augment.stand_in_source!r} is not one of the model's "
                              f"sequences {self.preprocess.modalities}")
         if self.class_weights is not None and len(self.class_weights) != self.out_channels:

@@ -16,7 +16,7 @@ import torch
 from monai import transforms as mt
 from monai.transforms.utils import map_binary_to_indices
 
-from neuromap.config import AugmentConfig, SplitConfig, TrainConfig, canonical_modality
+from neuromap.config import AugmentConfig, SplitConfig, TrainConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io import Case, discover_cases, duplicate_ids, load_case
 from neuromap.preprocess import prepare
@@ -149,7 +149,7 @@ def augmentations(cfg: AugmentConfig, dims: int, channels: list[str]) -> list[mt
     if cfg.noise_std > 0:
         out.append(mt.RandGaussianNoised("image", prob=cfg.prob, std=cfg.noise_std))
     if cfg.stand_in > 0:
-        out.append(RandStandInd("image", channels, canonical_modality(cfg.stand_in_source), cfg.stand_in))
+        out.append(RandStandInd("image", channels, cfg.stand_in_source, cfg.stand_in))
     return out
 
 

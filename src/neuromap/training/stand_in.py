@@ -28,8 +28,8 @@ class RandStandInd(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, prob)
         if source not in channels:
             raise ValueError(f"stand-in source {source!r} is not among the channels {list(dict.fromkeys(channels))}")
-        self.source = [i for i, name in enumerate(channels) if name == source]
-        groups = {name: [i for i, n in enumerate(channels) if n == name] for name in channels if name != source}
+        groups = {name: [i for i, n in enumerate(channels) if n == name] for name in dict.fromkeys(channels)}
+        self.source = groups.pop(source)
         self.choices = [sum(chosen, []) for size in range(1, len(groups) + 1)
                         for chosen in combinations(groups.values(), size)]
         self.targets: list[int] = []
