@@ -200,6 +200,10 @@ class SplitConfig(Strict):
     ratios: tuple[float, ...] = (0.6, 0.25, 0.15)
     folds: int = Field(5, ge=2)
     fold: FoldIndex = 0
+    seed: int | None = Field(
+        None, ge=0, description="seed of the patient shuffle; none means the run's seed. Set it to compare runs "
+        "with different training seeds on the same folds (a seed study, an ensemble scored out of fold)"
+    )
 
     @field_validator("ratios")
     @classmethod

@@ -51,8 +51,10 @@ def kfold_assignment(case_ids: list[str], folds: int, seed: int) -> dict[str, in
 
 def split_cases(case_ids: list[str], cfg: SplitConfig, seed: int) -> dict[str, list[str]]:
     """Split by patient (never by slice). "kfold": fold ``cfg.fold`` of ``kfold_assignment`` is validation;
-    "all": every case trains (final models after cross-validation); "ratio": a seeded shuffle of the sorted ids."""
+    "all": every case trains (final models after cross-validation); "ratio": a seeded shuffle of the sorted ids.
+    The shuffle uses ``cfg.seed`` when set, else the run's ``seed``."""
     ids = sorted(case_ids)
+    seed = seed if cfg.seed is None else cfg.seed
     if cfg.mode == "all":
         return {"train": ids, "val": [], "test": []}
     if cfg.mode == "kfold":
