@@ -2,8 +2,8 @@
 ship inside the package (``neuromap/viewer_web``), so the page works offline and never loads code from a CDN.
 
 It shows every uploaded sequence and the label map in their own grid with linked axial/coronal/sagittal views and
-a crosshair (click to move it), zoom and pan, window/level (numbers or right-drag), per-label colour and
-visibility and the label opacity, the radiological convention by default with a toggle, orientation letters on all
+a crosshair (click to move it), zoom and pan, window/level (numbers or right-drag), per-label colour,
+visibility and opacity, the radiological convention by default with a toggle, orientation letters on all
 four sides, the crosshair's slice numbers and positions in mm, a 3D render of the tumour labels, and the
 result's uncertainty map as an overlay to switch on. Why a custom component rather than ``niivue-streamlit``: see
 ``viewer_web/viewer.js``. What is shown is decided by `neuromap.viewer`, shared with the notebook viewer.
@@ -55,8 +55,8 @@ def component_args(result: dict, sequence_names: dict[str, str], radiological: b
         "shown": shown,
         **files,
         "labels": Path(result["labels_output"]).read_bytes(),
-        "label_info": [{"value": s.value, "name": s.name, "colour": s.colour, "visible": True} for s in scene.styles],
-        "opacity": DEFAULT_OPACITY,
+        "label_info": [{"value": s.value, "name": s.name, "colour": s.colour, "visible": True,
+                        "opacity": DEFAULT_OPACITY} for s in scene.styles],
         "inv_affine": scene.inv_affine,
         "shape": list(scene.labels.shape[:3]),
         "plane_axes": scene.plane_axes,

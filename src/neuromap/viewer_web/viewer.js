@@ -6,7 +6,7 @@
 // map per label, set label opacity, show window/level values or report the crosshair position in mm. This file
 // speaks Streamlit's component protocol directly (three postMessage types, no npm build step) and drives NiiVue's
 // own API for everything else: linked multiplanar views with crosshair, click to navigate, zoom/pan,
-// window/level, label look-up table, radiological/neurological convention, orientation letters, 3D render.
+// window/level, label look-up tables, radiological/neurological convention, orientation letters, 3D render.
 
 "use strict";
 
@@ -39,7 +39,8 @@ let shown = null; // the result currently loaded (its run id)
 let nv = null; // 2D views
 let nv3d = null; // 3D render of the labels
 const images = {}; // sequence key -> NVImage
-let labels = null; // NVImage of the label map (2D views)
+let labels = null; // NVImage of the whole label map: read once, split into `layers`, and the 3D view's source
+let layers = []; // one NVImage per label in the 2D views, in args.label_info order
 let labels3d = null;
 let extra = null; // optional extra overlay (e.g. an uncertainty map)
 let args = null;
@@ -52,11 +53,10 @@ async function loadImage(bytes, name, options = {}) {
   return NVImage.loadFromUrl({ url: blobUrl(bytes), name, ...options });
 }
 
-// Label look-up table in NiiVue's format; a hidden label gets alpha 0. NiiVue draws every visible label of one
-// volume at that volume's opacity (a LUT alpha between 0 and 255 is not blended), so opacity is one slider.
-function labelLut() {
+// Label look-up table in NiiVue's format for `items`; a hidden label gets alpha 0.
+function labelLut(items = args.label_info) {
   const lut = { R: [0], G: [0], B: [0], A: [0], I: [0], labels: [""] };
-  for (const item of args.label_info) {
+  for (const item of items) {
     const hex = item.colour.replace("#", "");
     lut.R.push(parseInt(hex.slice(0, 2), 16));
     lut.G.push(parseInt(hex.slice(2, 4), 16));
@@ -68,12 +68,26 @@ function labelLut() {
   return lut;
 }
 
-function applyLabelColours() {
-  labels.setColormapLabel(labelLut());
+// NiiVue blends each volume at one opacity (a look-up table's alpha between 0 and 255 is not blended, only 0
+// hides), so per-label opacity needs each label as its own volume: a copy of the label map keeping that label's
+// voxels, with that label's look-up table and opacity.
+function labelLayer(item) {
+  const layer = labels.clone();
+  layer.name = `label-${item.value}.nii.gz`;
+  const img = layer.img;
+  for (let i = 0; i < img.length; i++) {
+    if (img[i] !== item.value) img[i] = 0;
+  }
+  layer.setColormapLabel(labelLut([item]));
+  layer.opacity = item.opacity;
+  return layer;
+}
+
+function applyLabelColours(index) {
+  layers[index].setColormapLabel(labelLut([args.label_info[index]]));
   nv.updateGLVolume();
   if (!labels3d) return;
-  const lut = labelLut();
-  labels3d.setColormapLabel(lut);
+  labels3d.setColormapLabel(labelLut());
   nv3d.updateGLVolume();
 }
 
@@ -93,7 +107,8 @@ function updateReadout(location) {
     return `<span data-plane="${plane}"><b>${plane[0].toUpperCase() + plane.slice(1)}</b> ` +
       `slice ${index + 1}/${args.shape[axis]}, ${letter} = ${mm[ras].toFixed(1)} mm ${side}</span>`;
   });
-  const here = location.values.find((entry) => entry.id === labels.id);
+  const ids = new Set(layers.map((layer) => layer.id));
+  const here = location.values.find((entry) => ids.has(entry.id) && Math.round(entry.value) !== 0);
   const item = here && args.label_info.find((entry) => entry.value === Math.round(here.value));
   const at = item ? item.name : "no tumour label";
   document.getElementById("readout").innerHTML = `${parts.join(" &middot; ")}<br>Crosshair voxel ` +
@@ -147,25 +162,22 @@ function buildControls() {
   }
   const list = document.getElementById("labels");
   list.innerHTML = "";
-  args.label_info.forEach((item) => {
+  args.label_info.forEach((item, index) => {
     const row = document.createElement("span");
     row.className = "label";
     row.innerHTML = `<input type="checkbox" checked aria-label="Show ${item.name}">` +
       `<input type="color" value="${item.colour}" aria-label="Colour of ${item.name}">` +
-      `<span>${item.name}</span>`;
-    const [visible, colour] = row.children;
-    visible.addEventListener("change", () => { item.visible = visible.checked; applyLabelColours(); });
-    colour.addEventListener("change", () => { item.colour = colour.value; applyLabelColours(); });
+      `<span>${item.name}</span>` +
+      `<input type="range" min="0" max="1" step="0.05" value="${item.opacity}" aria-label="Opacity of ${item.name}">`;
+    const [visible, colour, , opacity] = row.children;
+    visible.addEventListener("change", () => { item.visible = visible.checked; applyLabelColours(index); });
+    colour.addEventListener("change", () => { item.colour = colour.value; applyLabelColours(index); });
+    opacity.addEventListener("change", () => {
+      item.opacity = parseFloat(opacity.value);
+      nv.setOpacity(nv.getVolumeIndexByID(layers[index].id), item.opacity);
+    });
     list.append(row);
   });
-  const opacity = document.createElement("label");
-  opacity.className = "label";
-  opacity.innerHTML = "Label opacity " +
-    `<input type="range" id="opacity" min="0" max="1" step="0.05" value="${args.opacity}">`;
-  opacity.lastChild.addEventListener("change", (event) => {
-    nv.setOpacity(nv.getVolumeIndexByID(labels.id), parseFloat(event.target.value));
-  });
-  list.append(opacity);
   if (args.extra_name) {
     const row = document.createElement("span");
     row.className = "label";
@@ -204,11 +216,11 @@ async function show3D() {
   setFrameHeight();
   nv3d = new Niivue({ backColor: [0, 0, 0, 1], isOrientCube: true, show3Dcrosshair: false });
   await nv3d.attachTo("render3d");
-  labels3d = await loadImage(args.labels, "labels3d.nii.gz");
+  labels3d = labels.clone();
+  labels3d.setColormapLabel(labelLut());
   nv3d.addVolume(labels3d);
   nv3d.setSliceType(SLICE_TYPE.RENDER);
   nv3d.setRenderAzimuthElevation(120, 15);
-  applyLabelColours();
   button.hidden = true;
   document.getElementById("render-box").dataset.ready = "true";
 }
@@ -263,12 +275,11 @@ async function render(newArgs) {
   });
   await nv.attachTo("slices");
   // Every addVolume recomposites the volumes on the GPU (seconds each on a software GPU), so the label colours
-  // are set before the label map is added rather than after.
+  // are set before the labels are added rather than after.
   labels = await loadImage(args.labels, "labels.nii.gz");
-  labels.setColormapLabel(labelLut());
-  labels.opacity = args.opacity;
+  layers = args.label_info.map(labelLayer);
   nv.addVolume(await sequenceImage(args.shown));
-  nv.addVolume(labels);
+  layers.forEach((layer) => nv.addVolume(layer)); // (pushed to nv.volumes directly, they are not drawn)
   if (args.extra_name) {
     extra = await loadImage(args.extra, "extra.nii.gz", { colormap: "warm", opacity: 0 });
     nv.addVolume(extra);
