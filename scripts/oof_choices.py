@@ -13,10 +13,15 @@ the model's own estimate.
 - ``--choice tta``: the single pass against the mean with the left-right mirrored pass (the pass the quality
   estimate runs anyway) and against every in-plane flip (``--tta``), in each case's own grid after the default
   postprocessing.
+- ``--choice ensemble --partner RUN2``: a second run of the same folds (another seed): each run's fold model
+  alone, the mean of the two (two passes), and the mean of RUN's pass with RUN2's pass on the mirrored scan (two
+  passes that are also the quality estimate's pair), in each case's own grid after the default postprocessing.
+  Both fold models of a case were trained without it, so the ensemble's score is out of fold too.
 
     python scripts/oof_choices.py runs/brats_unet25d --choice postprocess --folds 0 1 2 3 4
     python scripts/oof_choices.py runs/lgg_unet2d_cv --choice postprocess --data ../shared/data/lgg_kaggle_3m
     python scripts/oof_choices.py runs/arch_resunet --choice tta
+    python scripts/oof_choices.py runs/brats_resunet25d_flair_t1ce --choice ensemble --partner runs/arm_seed1
 """
 
 from __future__ import annotations
@@ -58,16 +63,23 @@ POSTPROCESS = {
     "ET < 1 mL": {"et_min_ml": 1.0},
 }
 TTA = ("single pass", "mean with left-right mirror", "every in-plane flip (--tta)")
+ENSEMBLE = ("single pass", "partner alone", "mean of both", "mean with the partner on the mirror")
 
 
-def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = False) -> Iterator[
-        tuple[Volume, Prepared, dict[str, torch.Tensor], ModelSpec]]:
-    """(volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out case; the
-    probabilities by name: the single pass, and with ``tta`` the other entries of ``TTA``."""
+def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = False, partner: Path | None = None,
+                         ) -> Iterator[tuple[str, Volume, Prepared, dict[str, torch.Tensor], ModelSpec]]:
+    """(case id, volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out
+    case; the probabilities by name: the single pass, with ``tta`` the other entries of ``TTA``, with ``partner``
+    those of ``ENSEMBLE``."""
     cases = {c.case_id: c for c in discover_cases(data)}
     for fold in folds:
         model, spec = load_model(run / f"fold_{fold}" / "best.pt")
-        for case_id in json.loads((run / f"fold_{fold}" / "split.json").read_text())["val"]:
+        held_out = json.loads((run / f"fold_{fold}" / "split.json").read_text())["val"]
+        if partner is not None:
+            other = load_model(partner / f"fold_{fold}" / "best.pt")
+            if json.loads((partner / f"fold_{fold}" / "split.json").read_text())["val"] != held_out:
+                raise SystemExit(f"{partner}: fold {fold} holds out other cases than {run}'s.")
+        for case_id in held_out:
             volume = load_case(cases[case_id], spec.modalities, with_seg=True)
             prepared = prepare(volume, spec.preprocess)
             # Every slice: thresholds other than the default's 0.5 are scored here, and the skip decides which
@@ -79,7 +91,12 @@ def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = Fa
                 flipped = predict_probs([(model, spec)], mirrored, single).flip(LEFT_RIGHT)
                 probs[TTA[1]] = (probs[TTA[0]] + flipped) / 2
                 probs[TTA[2]] = predict_probs([(model, spec)], prepared.image, single.model_copy(update={"tta": True}))
-            yield volume, prepared, probs, spec
+            if partner is not None:
+                mirrored = np.ascontiguousarray(np.flip(prepared.image, LEFT_RIGHT))
+                probs[ENSEMBLE[1]] = predict_probs([other], prepared.image, single)
+                probs[ENSEMBLE[2]] = (probs[TTA[0]] + probs[ENSEMBLE[1]]) / 2
+                probs[ENSEMBLE[3]] = (probs[TTA[0]] + predict_probs([other], mirrored, single).flip(LEFT_RIGHT)) / 2
+            yield case_id, volume, prepared, probs, spec
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
@@ -89,13 +106,19 @@ def _dice(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
-    parser.add_argument("--choice", choices=("thresholds", "postprocess", "tta"), required=True)
+    parser.add_argument("--choice", choices=("thresholds", "postprocess", "tta", "ensemble"), required=True)
+    parser.add_argument("--partner", type=Path, help="--choice ensemble: the second run (same folds, another seed)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/brats2018"))
     args = parser.parse_args()
-    candidates = {"thresholds": THRESHOLDS, "postprocess": tuple(POSTPROCESS), "tta": TTA}[args.choice]
+    if (args.choice == "ensemble") != (args.partner is not None):
+        raise SystemExit("--partner RUN2 goes with --choice ensemble, and only with it.")
+    candidates = {"thresholds": THRESHOLDS, "postprocess": tuple(POSTPROCESS), "tta": TTA, "ensemble": ENSEMBLE}[
+        args.choice]
     scores: dict[str, dict] = {}
-    for volume, prepared, passes, spec in held_out_predictions(args.run, args.folds, args.data, args.choice == "tta"):
+    case_means: dict[str, dict[str, float]] = {}  # case -> candidate -> mean Dice over the structures
+    for case_id, volume, prepared, passes, spec in held_out_predictions(args.run, args.folds, args.data,
+                                                                        args.choice == "tta", args.partner):
         task = task_of(spec)
         probs = passes[TTA[0]]
         if args.choice == "thresholds":
@@ -109,7 +132,7 @@ def main() -> None:
             continue
         structures = [s for s in task.structures if s.key in task.headline]
         voxel_ml = volume.voxel_ml if volume.spacing_known else None  # as `segment`: voxels when unknown
-        if args.choice == "tta":  # each way of passing, then the default postprocessing
+        if args.choice in ("tta", "ensemble"):  # each way of passing, then the default postprocessing
             outputs = {name: postprocess(labels_in_input_grid(p, prepared.inverse, task), voxel_ml, InferenceConfig(),
                                          task.postprocess_steps())[0] for name, p in passes.items()}
         else:
@@ -118,9 +141,11 @@ def main() -> None:
                                          () if change is None else task.postprocess_steps())[0]
                        for name, change in POSTPROCESS.items()}
         for name, labels in outputs.items():
-            for s in structures:
-                scores.setdefault(s.key, {}).setdefault(name, []).append(
-                    _dice(np.isin(labels, s.labels), np.isin(volume.seg, s.labels), volume.spacing))
+            dice = [_dice(np.isin(labels, s.labels), np.isin(volume.seg, s.labels), volume.spacing)
+                    for s in structures]
+            for s, value in zip(structures, dice, strict=True):
+                scores.setdefault(s.key, {}).setdefault(name, []).append(value)
+            case_means.setdefault(case_id, {})[name] = float(np.mean(dice))
     keys = list(scores)
     n = len(next(iter(scores[keys[0]].values())))
     space = "prepared space" if args.choice == "thresholds" else "input grid"
@@ -129,6 +154,14 @@ def main() -> None:
     for candidate in candidates:
         means = [np.mean(scores[k][candidate]) for k in keys]
         print(f"| {candidate} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {np.mean(means):.4f} |")
+    if case_means:  # paired: on how many cases each candidate beats the first (the product's current choice)
+        first = candidates[0]
+        for candidate in candidates[1:]:
+            diffs = [c[candidate] - c[first] for c in case_means.values()]
+            print(f"{candidate} vs {first}: better on {sum(d > 0 for d in diffs)} of {len(diffs)} cases, "
+                  f"worse on {sum(d < 0 for d in diffs)}, median change {np.median(diffs):+.4f}")
+        print("per case (mean Dice over the structures): " + json.dumps(
+            {case: {k: round(v, 4) for k, v in c.items()} for case, c in case_means.items()}))
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
