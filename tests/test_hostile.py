@@ -167,6 +167,7 @@ HEADERS = {  # id: (fields patched into the FLAIR header, words the message must
     "zero-dimension": ({"dim": {2: 0}}, ("empty or negative dimension",)),
     "dims-edited-smaller": ({"dim": {3: 50}}, ("holds more than", "header does not describe the data")),
     "dims-edited-larger": ({"dim": {3: 60}}, ("holds only", "header does not describe the data")),
+    "single-slice-2d": ({"dim": {0: 2}}, ("image is 2D with shape (", "a 3D volume is required")),
     "time-series-4d": ({"dim": {0: 4, 4: 20}}, ("20 volumes beyond the 3D grid",)),
     "datatype-complex": ({"datatype": 32, "bitpix": 64}, ("complex-valued",)),
     "datatype-unknown": ({"datatype": 999}, ("cannot be read as NIfTI",)),

@@ -42,6 +42,9 @@ def check_header(img: nib.Nifti1Image, path: Path, what: str) -> None:
     fix = f"Fix: re-export the {what} from its source (the header is damaged or was edited)."
     if not shape or min(shape) < 1:
         raise NeuroMapError(f"{path}: the header declares the shape {shape}, an empty or negative dimension. {fix}")
+    if len(shape) < 3:  # before the geometry checks, which read three voxel sizes
+        raise NeuroMapError(f"{path}: image is {len(shape)}D with shape {shape}; a 3D volume is required. Fix: give "
+                            f"the whole {what} as one 3D NIfTI, not a single slice.")
     check_voxel_count(shape[:3], f"{path}: the header declares the shape {shape}", "Fix: resample the scan.")
     volumes = int(np.prod(shape[3:], dtype=np.int64))
     if volumes > MAX_VOLUMES:
