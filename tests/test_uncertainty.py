@@ -7,13 +7,22 @@ from conftest import LGG, UNSEEN, needs_real_data
 from scipy import ndimage
 
 from neuromap.cli import main
-from neuromap.uncertainty import ENCODING, binary_entropy, normalised_entropy
+from neuromap.uncertainty import ENCODING, binary_entropy, max_binary_entropy, normalised_entropy
 
 
 def test_entropies_are_zero_when_certain_and_one_at_chance():
     assert binary_entropy(np.array([0.0, 1.0, 0.5])) == pytest.approx([0.0, 0.0, 1.0], abs=1e-5)
     assert normalised_entropy(np.full((4, 2), 0.25))[0] == pytest.approx(1.0)
     assert normalised_entropy(np.array([[1.0], [0.0], [0.0]]))[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_largest_region_entropy_is_the_largest_of_the_channels_entropies():
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, 40, 30, 20)).astype(np.float32)
+    probs[:, :10] = rng.choice([0.0, 1.0, 1e-9, 1 - 1e-9, 0.5], size=probs[:, :10].shape)  # the ends and the middle
+    expected = binary_entropy(probs).max(axis=0)
+    np.testing.assert_allclose(max_binary_entropy(probs), expected, atol=1e-5)
+    assert np.array_equal(np.round(max_binary_entropy(probs) * 255), np.round(expected * 255))  # the uint8 map
 
 
 @needs_real_data
