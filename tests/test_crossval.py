@@ -13,7 +13,7 @@ from conftest import BRATS, needs_real_data
 
 from neuromap.checkpoint import ModelSpec
 from neuromap.cli import main
-from neuromap.config import InferenceConfig, ModelConfig, PreprocessConfig, SplitConfig, TrainConfig
+from neuromap.config import InferenceConfig, ModelConfig, PreprocessConfig, SplitConfig, TrainConfig, load_yaml
 from neuromap.inference import predict_probs, slice_batch, slice_volume
 from neuromap.training.crossval import fold_config
 from neuromap.training.data import kfold_assignment, site_of, split_cases
@@ -42,6 +42,16 @@ def test_folds_partition_the_cases_and_spread_every_site():
     assert len({f for f, val in enumerate(held_out) for c in val if site_of(c) == "2013"}) == 3
     assert kfold_assignment(BRATS_IDS, 5, 0) == kfold_assignment(list(reversed(BRATS_IDS)), 5, 0)
     assert kfold_assignment(BRATS_IDS, 5, 0) != kfold_assignment(BRATS_IDS, 5, 1)
+
+
+def test_split_seed_keeps_the_folds_when_the_training_seed_changes():
+    """A seed study pairs runs on the same held-out cases: ``split.seed`` fixes the shuffle, else the run's seed."""
+    fold = {"mode": "kfold", "folds": 5, "fold": 2}
+    fixed = SplitConfig.model_validate({**fold, "seed": 0})
+    assert split_cases(BRATS_IDS, fixed, seed=1) == split_cases(BRATS_IDS, SplitConfig(**fold), seed=0)
+    assert split_cases(BRATS_IDS, SplitConfig(**fold), seed=1) != split_cases(BRATS_IDS, SplitConfig(**fold), seed=0)
+    cfg = load_yaml(Path(__file__).parents[1] / "configs" / "arms" / "seed1.yaml", TrainConfig)
+    assert (cfg.seed, cfg.split.seed) == (1, 0)
 
 
 def test_split_all_trains_on_everything_and_needs_select_last():
