@@ -66,6 +66,11 @@ TTA = ("single pass", "mean with left-right mirror", "every in-plane flip (--tta
 ENSEMBLE = ("single pass", "partner alone", "mean of both", "mean with the partner on the mirror")
 
 
+def on_mirror(pair: tuple[torch.nn.Module, ModelSpec], image: np.ndarray, cfg: InferenceConfig) -> torch.Tensor:
+    """One pass of ``pair`` on the left-right mirrored image, mirrored back: the quality estimate's second pass."""
+    return predict_probs([pair], np.ascontiguousarray(np.flip(image, LEFT_RIGHT)), cfg).flip(LEFT_RIGHT)
+
+
 def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = False, partner: Path | None = None,
                          ) -> Iterator[tuple[str, Volume, Prepared, dict[str, torch.Tensor], ModelSpec]]:
     """(case id, volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out
@@ -87,15 +92,12 @@ def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = Fa
             single = InferenceConfig(skip_slices=False)
             probs = {TTA[0]: predict_probs([(model, spec)], prepared.image, single)}
             if tta:
-                mirrored = np.ascontiguousarray(np.flip(prepared.image, LEFT_RIGHT))
-                flipped = predict_probs([(model, spec)], mirrored, single).flip(LEFT_RIGHT)
-                probs[TTA[1]] = (probs[TTA[0]] + flipped) / 2
+                probs[TTA[1]] = (probs[TTA[0]] + on_mirror((model, spec), prepared.image, single)) / 2
                 probs[TTA[2]] = predict_probs([(model, spec)], prepared.image, single.model_copy(update={"tta": True}))
             if partner is not None:
-                mirrored = np.ascontiguousarray(np.flip(prepared.image, LEFT_RIGHT))
                 probs[ENSEMBLE[1]] = predict_probs([other], prepared.image, single)
                 probs[ENSEMBLE[2]] = (probs[TTA[0]] + probs[ENSEMBLE[1]]) / 2
-                probs[ENSEMBLE[3]] = (probs[TTA[0]] + predict_probs([other], mirrored, single).flip(LEFT_RIGHT)) / 2
+                probs[ENSEMBLE[3]] = (probs[TTA[0]] + on_mirror(other, prepared.image, single)) / 2
             yield case_id, volume, prepared, probs, spec
 
 
