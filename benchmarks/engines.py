@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import Timed, cpu_info, matmul_peak_gflops, slice_model_flops
+from machine import ISA_ENV, cpu_info, matmul_peak_gflops, slice_model_flops
+from timed import Timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "brats2018"
@@ -42,8 +43,6 @@ RESULT = ROOT / "benchmarks" / "results" / "engines.json"
 EVAL_CASES = ["Brats18_CBICA_AMH_1", "Brats18_2013_23_1", "Brats18_CBICA_AOP_1", "Brats18_CBICA_AOZ_1",
               "Brats18_CBICA_ATD_1", "Brats18_CBICA_AVG_1"]
 CALIBRATION_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_ARW_1"]  # training cases of the models measured
-ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                                  "OV_CPU_MAX_ISA": "AVX2"}}
 def _rss_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -73,7 +72,8 @@ def build_engines(model, spec, checkpoint: Path, work: Path, args, threads: int)
 
     from neuromap.engines.onnx_export import export_onnx
     from neuromap.engines.quantize import calibration_batches, quantize_int8
-    from neuromap.engines.runtimes import CompiledTorchModel, OnnxRuntimeModel, OpenVinoModel
+    from neuromap.engines.runtimes import OnnxRuntimeModel, OpenVinoModel
+    from neuromap.engines.torch_runner import CompiledTorchModel, TorchModel
     from neuromap.io import discover_cases, load_case
     from neuromap.preprocess import prepare
 
@@ -82,7 +82,7 @@ def build_engines(model, spec, checkpoint: Path, work: Path, args, threads: int)
     start = time.perf_counter()
     export = export_onnx(model, spec, fp32, overwrite=True)
     notes["export"] = {"seconds": time.perf_counter() - start, "max_abs_logit_diff": export.max_abs_diff}
-    engines = {"torch eager fp32": model}
+    engines = {"torch eager fp32": TorchModel(model)}
     engines["onnxruntime fp32"] = OnnxRuntimeModel(fp32, threads)
     engines["openvino fp32"] = OpenVinoModel(fp32, threads)
     notes["aten_capability"] = torch.backends.cpu.get_cpu_capability()

@@ -15,6 +15,11 @@ from pathlib import Path
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
 
+# Caps the vector ISA of oneDNN (PyTorch convolutions, OpenVINO) and ATen at AVX2, like the team's AMD EPYC; read
+# when the libraries load, so set for a whole process. ONNX Runtime's MLAS has no such switch.
+ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                  "OV_CPU_MAX_ISA": "AVX2"}}
+
 
 def cpu_info() -> dict:
     """The CPU as /proc/cpuinfo names it (a VM may show only "AMD EPYC": family and model then say which
@@ -76,15 +81,3 @@ def slice_model_flops(model, spec, in_plane: tuple[int, int], slices: int) -> in
     return forward_flops(model, (1, spec.preprocess.in_channels, x, y)) * slices
 
 
-class Timed:
-    """Forwards calls to an engine and adds up wall and CPU seconds spent inside them (the model stage)."""
-
-    def __init__(self, engine) -> None:
-        self.engine, self.wall, self.cpu = engine, 0.0, 0.0
-
-    def __call__(self, batch):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = self.engine(batch)
-        self.wall += time.perf_counter() - wall
-        self.cpu += time.process_time() - cpu
-        return out

@@ -35,7 +35,11 @@ Measured:
 One untimed default run first fills the engine cache (the ONNX export and OpenVINO's compiled blob, made once per
 machine and checkpoint), so the timed runs measure what every later run costs.
 
-    python benchmarks/segment_speed.py [--case DIR] [--cohort 6] [--runs 3] [--threads 2] [--json OUT]
+``--isa avx2`` runs everything (every variant's processes and the in-process model stage) with oneDNN and ATen
+capped at AVX2 (`machine.ISA_ENV`), like the team's CPU; the default is the CPU's native ISA.
+
+    python benchmarks/segment_speed.py [--case DIR] [--cohort 6] [--runs 3] [--threads 2] [--isa native|avx2]
+                                       [--json OUT]
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import Timed, cpu_info, load_now, matmul_peak_gflops, slice_model_flops
+from machine import ISA_ENV, cpu_info, load_now, matmul_peak_gflops, slice_model_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "brats2018"
@@ -202,9 +206,11 @@ def model_stage(case: Path, runs: int) -> dict:
     """The model stage of each variant on ``case``, in this process (module docstring): wall and CPU seconds
     (median of ``runs``, interleaved) and the network FLOPs each variant spends."""
     import torch
+    from timed import Timed  # here: the release's processes import this script, and its source has no engines
 
     from neuromap.config import InferenceConfig
     from neuromap.engines import resolve_engine, wrap_model
+    from neuromap.engines.torch_runner import TorchModel
     from neuromap.inference import predict_probs
     from neuromap.io import discover_cases, load_case
     from neuromap.preprocess import prepare
@@ -216,7 +222,7 @@ def model_stage(case: Path, runs: int) -> dict:
     prepared = prepare(volume, spec.preprocess).image
     monai_image = monai_transform(spec)({k: str(volume.case.images[k].path) for k in spec.modalities})["image"]
     monai_image = monai_image.as_tensor().float()
-    runners = {"default": default, "torch-eager": net}
+    runners = {"default": default, "torch-eager": TorchModel(net)}
     cfg = InferenceConfig(device="cpu")
     flops = {"default": slice_model_flops(net, spec, prepared.shape[1:3], prepared.shape[-1])}
     flops["torch-eager"] = flops["default"]
@@ -315,6 +321,7 @@ def main() -> None:
     parser.add_argument("--cohort", type=int, default=6, help="cases of the shared BraTS 2018 folder (in name order)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isa", choices=sorted(ISA_ENV), default="native")
     parser.add_argument("--json", default=str(RESULT))
     parser.add_argument("--child", choices=["cli", "monai"], help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -328,10 +335,13 @@ def main() -> None:
     case = Path(args.case)
     if not case.is_dir() or not DATA.is_dir():
         sys.exit(f"{case} or {DATA} not found: the benchmark needs the shared BraTS 2018 cases (--case).")
+    if any(os.environ.get(k) != v for k, v in ISA_ENV[args.isa].items()):  # libraries read it when they load:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_ENV[args.isa]})  # restart
     import torch
 
     torch.set_num_threads(args.threads)
-    result = {"machine": cpu_info(), "threads": args.threads, "runs": args.runs, "case": str(case),
+    result = {"machine": cpu_info(), "isa": args.isa, "isa_env": ISA_ENV[args.isa], "threads": args.threads,
+              "runs": args.runs, "case": str(case),
               "matmul_peak": matmul_peak_gflops()}
     with tempfile.TemporaryDirectory(prefix="neuromap-bench-") as tmp:
         tmp = Path(tmp)

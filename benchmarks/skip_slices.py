@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from machine import cpu_info, load_now
+from timed import Timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "brats2018"
@@ -57,19 +58,12 @@ class StageRecorder:
         self.calls: list[dict] = []
         self.probs = self.image = None
 
-    def _counted(self, runner, call: dict):
-        def run(batch):
-            call["slices"] += batch.shape[0]
-            return runner(batch)
-
-        return run
-
     def __call__(self, models, image, cfg, device="cpu", spacing=None):
-        call = {"slices": 0}
-        models = [(self._counted(runner, call), spec) for runner, spec in models]
+        counted = [(Timed(runner), spec) for runner, spec in models]
         wall, cpu = time.perf_counter(), time.process_time()
-        probs = self.predict(models, image, cfg, device=device, spacing=spacing)
-        call.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
+        probs = self.predict(counted, image, cfg, device=device, spacing=spacing)
+        call = {"slices": sum(timed.slices for timed, _ in counted), "wall": time.perf_counter() - wall,
+                "cpu": time.process_time() - cpu}
         if not self.calls:
             self.probs, self.image = probs, image
         self.calls.append(call)

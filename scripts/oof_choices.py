@@ -66,13 +66,13 @@ TTA = ("single pass", "mean with left-right mirror", "every in-plane flip (--tta
 ENSEMBLE = ("single pass", "partner alone", "mean of both", "mean with the partner on the mirror")
 
 
-def on_mirror(pair: tuple[torch.nn.Module, ModelSpec], image: np.ndarray, cfg: InferenceConfig) -> torch.Tensor:
+def on_mirror(pair: tuple[torch.nn.Module, ModelSpec], image: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
     """One pass of ``pair`` on the left-right mirrored image, mirrored back: the quality estimate's second pass."""
-    return predict_probs([pair], np.ascontiguousarray(np.flip(image, LEFT_RIGHT)), cfg).flip(LEFT_RIGHT)
+    return np.flip(predict_probs([pair], np.ascontiguousarray(np.flip(image, LEFT_RIGHT)), cfg), LEFT_RIGHT)
 
 
 def held_out_predictions(run: Path, folds: list[int], data: Path, tta: bool = False, partner: Path | None = None,
-                         ) -> Iterator[tuple[str, Volume, Prepared, dict[str, torch.Tensor], ModelSpec]]:
+                         ) -> Iterator[tuple[str, Volume, Prepared, dict[str, np.ndarray], ModelSpec]]:
     """(case id, volume with expert labels, prepared volume, out-of-fold probabilities, spec) of every held-out
     case; the probabilities by name: the single pass, with ``tta`` the other entries of ``TTA``, with ``partner``
     those of ``ENSEMBLE``."""
@@ -130,7 +130,7 @@ def main() -> None:
                 truth = np.isin(prepared.seg, REGIONS[region])
                 for t in THRESHOLDS:
                     scores.setdefault(region, {}).setdefault(t, []).append(
-                        _dice(probs[index].numpy() > t, truth, prepared.spacing))
+                        _dice(probs[index] > t, truth, prepared.spacing))
             continue
         structures = [s for s in task.structures if s.key in task.headline]
         voxel_ml = volume.voxel_ml if volume.spacing_known else None  # as `segment`: voxels when unknown

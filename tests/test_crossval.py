@@ -66,22 +66,24 @@ def test_fold_config_sets_split_and_folder():
     assert (folded.split.mode, folded.split.fold, folded.output_dir) == ("kfold", 3, "/tmp/runs/x/fold_3")
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_slice_batch_orders_sequence_then_offset_with_zero_ends(memory_format):
-    image = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_slice_batch_orders_sequence_then_offset_with_zero_ends(channels_last):
+    image = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
 
-    def stack(index: list[int], context: int) -> torch.Tensor:
-        batch = slice_batch(slice_volume(image, context, memory_format=memory_format), torch.tensor(index), context,
-                            memory_format)
-        assert batch.is_contiguous(memory_format=memory_format)  # what the engine reads, without another copy
+    def stack(index: list[int], context: int) -> np.ndarray:
+        batch = slice_batch(slice_volume(image, context, channels_last=channels_last), np.array(index), context,
+                            channels_last)
+        # what the engine reads, without another copy: NCHW memory, or NHWC memory seen as NCHW (channels_last)
+        laid_out = np.moveaxis(batch, 1, -1) if channels_last else batch
+        assert laid_out.flags.c_contiguous
         return batch
 
     batch = stack([0, 2], context=1)
     assert batch.shape == (2, 6, 3, 4)
-    assert torch.equal(batch[1, 0], image[0, ..., 1]) and torch.equal(batch[1, 2], image[0, ..., 3])
-    assert torch.equal(batch[1, 4], image[1, ..., 2])
-    assert torch.equal(batch[0, 0], torch.zeros(3, 4))  # below the first slice
-    assert torch.equal(stack([4], context=0)[0], image[..., 4])
+    assert np.array_equal(batch[1, 0], image[0, ..., 1]) and np.array_equal(batch[1, 2], image[0, ..., 3])
+    assert np.array_equal(batch[1, 4], image[1, ..., 2])
+    assert np.array_equal(batch[0, 0], np.zeros((3, 4)))  # below the first slice
+    assert np.array_equal(stack([4], context=0)[0], image[..., 4])
 
 
 def test_native_resolution_inference_pads_to_the_divisor_and_crops_back():
@@ -97,7 +99,7 @@ def test_native_resolution_inference_pads_to_the_divisor_and_crops_back():
     probs = predict_probs([(model, spec)], image, InferenceConfig(slice_batch_size=3, skip_slices=False))
     assert probs.shape == (3, 37, 29, 7)
     again = predict_probs([(model, spec)], image, InferenceConfig(slice_batch_size=7, skip_slices=False))
-    assert torch.allclose(probs, again, atol=1e-5)
+    assert np.allclose(probs, again, atol=1e-5)
 
 
 @needs_real_data

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from neuromap.config import ModelConfig, PreprocessConfig
 from neuromap.errors import NeuroMapError
 from neuromap.io.atomic import atomic_path
 from neuromap.models import build_model, required_divisor, resolve_options
+
+if TYPE_CHECKING:  # imported where a file is read or written: a spec alone needs no PyTorch
+    import torch
 
 FORMAT = "neuromap-checkpoint-v1"
 
@@ -65,6 +67,8 @@ class ModelSpec:
 
 def save_checkpoint(path: str | Path, spec: ModelSpec, state_dict: dict, half: bool = False, **extra) -> Path:
     """Write atomically; ``half`` stores float weights as float16 (shipped models: half the size)."""
+    import torch
+
     weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in state_dict.items()}
     payload = {"format": FORMAT, "spec": spec.to_dict(), "state_dict": weights, **extra}
     with atomic_path(path, overwrite=True) as tmp:
@@ -73,6 +77,8 @@ def save_checkpoint(path: str | Path, spec: ModelSpec, state_dict: dict, half: b
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise NeuroMapError(f"{path}: model file not found. Fix: give a .pt checkpoint or a shipped model name.")

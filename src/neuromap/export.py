@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from neuromap.labels import from_internal
 from neuromap.preprocess import Inverse
 from neuromap.tasks import Task
 
 
-def labels_in_input_grid(probs: torch.Tensor, inverse: Inverse, task: Task) -> np.ndarray:
+def labels_in_input_grid(probs: np.ndarray, inverse: Inverse, task: Task) -> np.ndarray:
     """Internal labels in the input grid from prepared-space probabilities (K, X, Y, Z).
 
     The probabilities go back to the crop at input resolution before the decision, so borders stay smooth; only
@@ -23,10 +22,10 @@ def labels_in_input_grid(probs: torch.Tensor, inverse: Inverse, task: Task) -> n
     return crop_to_input_grid(task.labels(crop_probabilities(probs, inverse)), inverse)
 
 
-def crop_probabilities(probs: torch.Tensor, inverse: Inverse) -> np.ndarray:
+def crop_probabilities(probs: np.ndarray, inverse: Inverse) -> np.ndarray:
     """Prepared-space probabilities (K, X, Y, Z) resized (linearly) to the crop at input resolution, still RAS:
     where labels are decided and uncertainty maps computed (`neuromap.uncertainty`)."""
-    return inverse.to_crop(probs.cpu(), linear=True)
+    return inverse.to_crop(probs, linear=True)
 
 
 def crop_to_input_grid(array: np.ndarray, inverse: Inverse) -> np.ndarray:

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from neuromap.config import PreprocessConfig
@@ -42,11 +40,11 @@ class Inverse:
     def crop_shape(self) -> tuple[int, int, int]:
         return tuple(b - a for a, b in self.bbox)
 
-    def to_crop(self, array: np.ndarray | torch.Tensor, linear: bool = False) -> np.ndarray:
+    def to_crop(self, array: np.ndarray, linear: bool = False) -> np.ndarray:
         """Resize (..., X, Y, Z) from prepared space to the crop at input resolution (still RAS, cropped)."""
         return resize(array, self.crop_shape, linear)
 
-    def to_original(self, array: np.ndarray | torch.Tensor, linear: bool = False) -> np.ndarray:
+    def to_original(self, array: np.ndarray, linear: bool = False) -> np.ndarray:
         """Map (..., X, Y, Z) from prepared space to the input grid; ``linear`` for probabilities,
         nearest for labels. Voxels outside the crop get 0 (background).
         """
@@ -87,11 +85,17 @@ def _apply_ornt(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(array, full))
 
 
-def resize(array: np.ndarray | torch.Tensor, shape: tuple[int, ...], linear: bool) -> np.ndarray:
-    """Resize the last three axes to ``shape`` (trilinear or nearest). A no-op when the shape already fits."""
-    tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
-    if tuple(tensor.shape[-3:]) == tuple(shape):
-        return tensor.numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+def resize(array: np.ndarray, shape: tuple[int, ...], linear: bool) -> np.ndarray:
+    """Resize the last three axes to ``shape`` (trilinear or nearest). A no-op when the shape already fits, which
+    is where PyTorch is not imported (1 mm scans with the ONNX engines never import it)."""
+    array = np.asarray(array)
+    if tuple(array.shape[-3:]) == tuple(shape):
+        return array
+    # PyTorch's interpolation, not SciPy's zoom: the shipped models were trained on exactly these samples
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.as_tensor(array)
     lead = tensor.shape[:-3]
     flat = tensor.reshape((1, -1) + tuple(tensor.shape[-3:]))
     if linear:

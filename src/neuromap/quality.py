@@ -40,8 +40,6 @@ from scipy import ndimage
 from neuromap.labels import REGIONS, region_masks
 
 if TYPE_CHECKING:
-    import torch
-
     from neuromap.checkpoint import ModelSpec
     from neuromap.io import Volume
     from neuromap.preprocess import Prepared
@@ -53,7 +51,7 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 LEFT_RIGHT = 1  # the RAS x axis of a prepared (C, X, Y, Z) image
 ESTIMATE = "mean Dice of the regions WT, TC, ET (BraTS), or of the abnormality (binary)"
 
-Predictor = Callable[[np.ndarray], "torch.Tensor"]  # prepared image -> probabilities of one pass, no TTA
+Predictor = Callable[[np.ndarray], np.ndarray]  # prepared image -> probabilities of one pass, no TTA
 
 
 def recipe_key(spec: ModelSpec) -> str:
@@ -270,14 +268,14 @@ def review_reasons(signals: dict, score: float | None, reference: dict, flag_bel
     return reasons
 
 
-def assess(prepared: Prepared, probs: torch.Tensor, predict: Predictor, tta: bool, internal: np.ndarray,
+def assess(prepared: Prepared, probs: np.ndarray, predict: Predictor, tta: bool, internal: np.ndarray,
            volume: Volume, spec: ModelSpec, task: Task) -> dict:
     """``report["quality"]`` of one case. ``probs`` are the case's probabilities, ``predict`` runs one pass of
     the same model(s) without TTA; with ``tta`` the unmirrored pass is run again, because the signals were fitted
     on single passes and the TTA average already contains the mirrored one."""
     image = prepared.image
-    single = (predict(image) if tta else probs).cpu().numpy()
-    flipped = predict(np.ascontiguousarray(np.flip(image, LEFT_RIGHT))).flip(LEFT_RIGHT).cpu().numpy()
+    single = predict(image) if tta else probs
+    flipped = np.flip(predict(np.ascontiguousarray(np.flip(image, LEFT_RIGHT))), LEFT_RIGHT)
     signals = measure(prepared, single, flipped, internal, volume, task, spec.modalities)
     profile = signals.pop("intensity_profile")
     calibration = calibration_for(spec)

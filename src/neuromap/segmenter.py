@@ -26,12 +26,12 @@ from functools import partial
 from pathlib import Path
 
 import nibabel as nib
-import torch
 
 from neuromap.checkpoint import ModelSpec
 from neuromap.cohort import Part, write_summary
 from neuromap.config import InferenceConfig, parse_config
-from neuromap.engines import engine_name, load_runner, resolve_engine
+from neuromap.engines import default_threads, load_runner, resolve_device, resolve_engine
+from neuromap.engines.runtimes import EngineModel
 from neuromap.errors import NeuroMapError
 from neuromap.export import labels_in_input_grid, output_image
 from neuromap.inference import predict_probs
@@ -51,7 +51,6 @@ from neuromap.uncertainty import map_images, report_entries, requested_maps
 from neuromap.zoo import resolve_model_paths, shipped_models
 
 ModelChoice = str | Path | list[str | Path] | None
-Runner = Callable[[torch.Tensor], torch.Tensor]  # a torch module or an engine with its call signature
 
 
 @dataclass
@@ -77,7 +76,7 @@ class _Read:
 
     case: Case  # as segmented (a raw case wears its RawLayout)
     model_files: list[Path]
-    models: list[tuple[Runner, ModelSpec]]
+    models: list[tuple[EngineModel, ModelSpec]]
     files: dict[str, Path]  # its outputs; empty without an output folder
     volume: Volume
     prepared: Prepared
@@ -118,28 +117,21 @@ class Segmenter:
         self.optional = ((DICOM_SEG,) if dicom_seg else ()) + requested_maps(self.cfg)
         raw = RawOptions() if raw is True else raw or None
         self.raw = dataclasses.replace(raw, threads=raw.threads or self.cfg.threads) if raw else None
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        self.device = self._device(self.cfg.device)
+        self.threads = self.cfg.threads or default_threads()
+        self.device = resolve_device(self.cfg.device)
         self.engine = resolve_engine(self.cfg.engine, self.device)
         # by file and mtime: the model as the engine runs it (the module itself for PyTorch), and its spec
-        self._loaded: dict[tuple[Path, float], tuple[Runner, ModelSpec]] = {}
+        self._loaded: dict[tuple[Path, float], tuple[EngineModel, ModelSpec]] = {}
         self._loading = threading.Lock()  # reader threads ask for models too: each is loaded once
         self._named = resolve_model_paths(model, []) if model is not None else None
         if self._named is not None:
             self._models(self._named)
 
-    @staticmethod
-    def _device(name: str) -> torch.device:
-        if name == "cuda" and not torch.cuda.is_available():
-            raise NeuroMapError("--device cuda requested but no CUDA GPU is available. Fix: use --device cpu.")
-        return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-    def _models(self, paths: list[Path]) -> list[tuple[Runner, ModelSpec]]:
+    def _models(self, paths: list[Path]) -> list[tuple[EngineModel, ModelSpec]]:
         with self._loading:
             return self._load_models(paths)
 
-    def _load_models(self, paths: list[Path]) -> list[tuple[Runner, ModelSpec]]:
+    def _load_models(self, paths: list[Path]) -> list[tuple[EngineModel, ModelSpec]]:
         keys = []
         for path in paths:
             if not path.is_file():
@@ -147,7 +139,8 @@ class Segmenter:
                 raise NeuroMapError(f"{path}: model not found. Shipped models: {shipped}.")
             keys.append((path, path.stat().st_mtime))  # a replaced file (e.g. a new upload) is loaded again
             if keys[-1] not in self._loaded:
-                self._loaded[keys[-1]] = load_runner(path, self.engine, self.device, self.cfg.engine == "auto")
+                self._loaded[keys[-1]] = load_runner(path, self.engine, self.device, self.cfg.engine == "auto",
+                                                     self.threads)
         models = [self._loaded[key] for key in keys]
         if len({(tuple(s.modalities), s.task, s.model.out) for _, s in models}) > 1:
             raise NeuroMapError("ensemble members must share modalities, task and output type.")
@@ -197,8 +190,8 @@ class Segmenter:
                 yield result
                 bar.update()
         if summary is not None:
-            run = {"engine": self.engine, "device": str(self.device), "workers": self.cfg.workers,
-                   "threads": torch.get_num_threads()}
+            run = {"engine": self.engine, "device": self.device, "workers": self.cfg.workers,
+                   "threads": self.threads}
             order = {case.case_id: i for i, case in enumerate(selected)}
             results.sort(key=lambda r: order[r.case_id])
             write_summary(summary, part, len(cases), results, started, run, overwrite=True)
@@ -262,7 +255,7 @@ class Segmenter:
         return self._finish(self._read(case, output_dir, overwrite, stage), overwrite, stage)
 
     def _as_segmented(self, case: Case, stage: Callable[[str], None] | None = None
-                      ) -> tuple[Case, list[Path], list[tuple[Runner, ModelSpec]]]:
+                      ) -> tuple[Case, list[Path], list[tuple[EngineModel, ModelSpec]]]:
         """``case`` as this segmenter reads it (raw scans wear a `RawLayout` for the model's sequences, which
         tells ``stage`` its steps), with the checkpoints and the loaded models it gets."""
         model_files = self.model_files(case)
@@ -336,7 +329,7 @@ class Segmenter:
         maps = layout.output_maps(volume, map_images(probs, inverse, task, volume.reference, requested_maps(cfg)))
         timings["quality_s"] = time.perf_counter() - t1
         report = case_report(output_volume, spec, task, read.model_files, cfg, convention, internal, warnings,
-                             str(self.device), engine_name(models[0][0]),
+                             self.device, models[0][0].name,
                              {**layout.report_extra(prediction), **report_entries(task, tuple(maps)),
                               "quality": quality})
         result = SegmentResult(case.case_id, prediction.labels, report, maps=maps)

@@ -11,15 +11,11 @@ Everything else asks `task_of(spec)` or `get_task(name)` and never compares task
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from neuromap.errors import NeuroMapError
 from neuromap.labels import CLASS_KEYS, CLASS_NAMES, ED, ET, NCR, REGIONS, as_integral, guess_convention, to_internal
-
-if TYPE_CHECKING:  # torch is imported inside the methods that use it: config imports this module
-    import torch
 
 # BraTS-style display colours: NCR/NET red, ED green, ET yellow; a binary model's one label is drawn in red.
 BRATS_COLOURS = {NCR: (0.9, 0.1, 0.1), ED: (0.1, 0.8, 0.2), ET: (1.0, 0.85, 0.0)}
@@ -56,25 +52,25 @@ class Task:
     def out_channels(self) -> int:
         raise NotImplementedError
 
-    def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities from logits (K, ...): sigmoid for region outputs, softmax over classes otherwise."""
-        return logits.sigmoid() if self.out == "regions" else logits.softmax(dim=0)
+    def activate(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities (float32, C order) from logits (K, ...): sigmoid for region outputs, softmax over classes
+        otherwise."""
+        from scipy.special import expit, softmax  # here: config imports this module
 
-    def background(self, shape: tuple[int, ...]) -> torch.Tensor:
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        return expit(logits) if self.out == "regions" else softmax(logits, axis=0).astype(np.float32, copy=False)
+
+    def background(self, shape: tuple[int, ...]) -> np.ndarray:
         """Probabilities (K, *shape) that say background with certainty: what inference gives the slices it skips
         (`neuromap.inference.near_tumour`). Region outputs are all 0; class outputs put all weight on class 0."""
-        import torch
-
-        probs = torch.zeros((self.out_channels(), *shape))
+        probs = np.zeros((self.out_channels(), *shape), dtype=np.float32)
         if self.out == "classes":
             probs[0] = 1
         return probs
 
-    def labels(self, probs: torch.Tensor | np.ndarray) -> np.ndarray:
+    def labels(self, probs: np.ndarray) -> np.ndarray:
         """Internal labels (uint8) from probabilities (K, ...): the argmax of class outputs."""
-        import torch
-
-        return torch.as_tensor(probs).argmax(0).to(torch.uint8).cpu().numpy()
+        return np.asarray(probs).argmax(0).astype(np.uint8)
 
     def uncertainty(self, probs: np.ndarray) -> np.ndarray:
         """Per-voxel uncertainty in [0, 1] from probabilities (K, ...), as `uncertainty_measure` names it: region
@@ -161,13 +157,11 @@ class BratsTask(Task):
     def probability_names(self) -> tuple[str, ...]:
         return tuple(REGIONS) if self.out == "regions" else tuple(CLASS_KEYS.values())
 
-    def labels(self, probs: torch.Tensor | np.ndarray) -> np.ndarray:
+    def labels(self, probs: np.ndarray) -> np.ndarray:
         """Argmax for class outputs; nested thresholds WT ⊇ TC ⊇ ET for region outputs."""
-        import torch
-
         if self.out == "classes":
             return super().labels(probs)
-        wt, tc, et = (torch.as_tensor(probs) > 0.5).cpu().numpy()
+        wt, tc, et = np.asarray(probs) > 0.5
         labels = np.zeros(wt.shape, np.uint8)
         labels[wt] = ED
         labels[wt & tc] = NCR

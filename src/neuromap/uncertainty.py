@@ -24,7 +24,6 @@ from neuromap.io.layout import PROBABILITIES, UNCERTAINTY
 
 if TYPE_CHECKING:
     import nibabel as nib
-    import torch
 
     from neuromap.config import InferenceConfig
     from neuromap.preprocess import Inverse
@@ -60,7 +59,7 @@ def requested_maps(cfg: InferenceConfig) -> tuple[str, ...]:
                  if wanted)
 
 
-def map_images(probs: torch.Tensor, inverse: Inverse, task: Task, reference: nib.Nifti1Image,
+def map_images(probs: np.ndarray, inverse: Inverse, task: Task, reference: nib.Nifti1Image,
                wanted: tuple[str, ...]) -> dict[str, nib.Nifti1Image]:
     """The requested maps as images on the reference's grid. Computed on the brain crop at input resolution
     (where labels are decided) and placed into the grid: outside the crop the model saw only background, so the

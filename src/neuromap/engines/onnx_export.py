@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from neuromap.checkpoint import ModelSpec
@@ -84,7 +85,7 @@ def _require_onnx() -> None:
         ) from None
 
 
-def _run_onnx(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+def _run_onnx(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Run the file with whichever runtime is installed (ONNX Runtime first)."""
     from neuromap.engines.runtimes import OnnxRuntimeModel, OpenVinoModel
 
@@ -107,10 +108,10 @@ def verify(model: torch.nn.Module, spec: ModelSpec, path: Path, seed: int = 0) -
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = model(x)
-    got, runtime = _run_onnx(path, x)
-    if got.shape != expected.shape:
+    got, runtime = _run_onnx(path, x.numpy())
+    if got.shape != tuple(expected.shape):
         raise RuntimeError(f"{path}: the export returned shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
-    return float((got - expected).abs().max()), runtime, shape
+    return float(np.abs(got - expected.numpy()).max()), runtime, shape
 
 
 def export_onnx(model: torch.nn.Module, spec: ModelSpec, target: str | Path, overwrite: bool = False,

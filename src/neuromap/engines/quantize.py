@@ -19,19 +19,21 @@ import torch
 
 from neuromap.checkpoint import ModelSpec
 from neuromap.config import InferenceConfig
-from neuromap.engines.runtimes import EngineModel, _numpy_input
+from neuromap.engines.runtimes import EngineModel
+from neuromap.engines.torch_runner import TorchModel
 from neuromap.io.atomic import atomic_path
 
 
 class _Recorder(EngineModel):
-    """Runs the PyTorch model and keeps every ``keep_every``-th input batch."""
+    """Runs the PyTorch model and keeps every ``keep_every``-th input batch, in the plain NCHW layout the ONNX
+    runtimes read."""
 
     def __init__(self, model: torch.nn.Module, keep_every: int) -> None:
-        self.model, self.keep_every, self.calls, self.batches = model, keep_every, 0, []
+        self.model, self.keep_every, self.calls, self.batches = TorchModel(model), keep_every, 0, []
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.calls % self.keep_every == 0:
-            self.batches.append(_numpy_input(batch))
+            self.batches.append(np.array(batch, dtype=np.float32))
         self.calls += 1
         return self.model(batch)
 

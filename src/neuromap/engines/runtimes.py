@@ -1,43 +1,47 @@
-"""Engines that look like a PyTorch model to the inference code: ``engine(batch) -> logits``.
+"""Runners: what `neuromap.inference` calls, ``runner(batch) -> logits`` on NumPy arrays, whatever runs the network.
 
-`neuromap.inference` calls ``model(batch)`` with a float32 (N, C, *spatial) tensor (channels_last for 2D) and
-works on the returned tensor, so every engine here takes and returns torch tensors on the CPU and nothing else
-in the pipeline knows which one ran. The ONNX engines read a file written by `neuromap.engines.onnx_export`,
-whose batch and spatial axes are dynamic: native-resolution models get crops of any size padded to the
-network's divisor, and the last slice batch of a case is smaller than the others.
+`neuromap.inference` calls ``runner(batch)`` with a float32 (N, C, *spatial) array and works on the returned
+array, so nothing in the pipeline knows which engine ran. This module imports neither PyTorch nor the runtimes
+(each is imported when its runner is built): a process running OpenVINO or ONNX Runtime never pays PyTorch's
+import. PyTorch's own runners are in `neuromap.engines.torch_runner`. The ONNX engines read a file written by
+`neuromap.engines.onnx_export`, whose batch and spatial axes are dynamic: native-resolution models get crops of
+any size padded to the network's divisor, and the last slice batch of a case is smaller than the others.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-
-def _numpy_input(batch: torch.Tensor) -> np.ndarray:
-    """A C-contiguous float32 array: the ONNX runtimes want plain NCHW memory, not torch's channels_last."""
-    return np.ascontiguousarray(batch.detach().to("cpu", torch.float32).contiguous().numpy())
+if TYPE_CHECKING:
+    from neuromap.config import InferenceConfig
 
 
 class EngineModel:
-    """Common face of the non-PyTorch engines: callable like a module, with the few module methods the
-    pipeline calls on a model (``to``, ``eval``) as no-ops, since the engine runs on the CPU only."""
+    """Common face of the runners: callable on a NumPy batch, returning NumPy logits."""
 
     name = "engine"
-    # What `neuromap.inference` builds the batches in: plain NCHW, which ONNX Runtime and OpenVINO read without a
-    # copy (PyTorch modules get channels_last).
-    memory_format = torch.contiguous_format
+    # The layout `neuromap.inference` builds 2D batches in: plain NCHW, which ONNX Runtime and OpenVINO read
+    # without a copy; PyTorch runners want NHWC memory (channels_last, ~1.5-2x faster convolutions with oneDNN).
+    channels_last = False
 
-    def to(self, *args, **kwargs) -> EngineModel:
-        return self
-
-    def eval(self) -> EngineModel:
-        return self
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def sliding_window(self, image: np.ndarray, roi_size: Sequence[int], cfg: InferenceConfig) -> np.ndarray:
+        """3D networks: logits (K, X, Y, Z) of a (C, X, Y, Z) volume from MONAI's Gaussian-weighted sliding
+        windows, each window batch through this runner (MONAI, and so PyTorch, only for 3D models)."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(
+            torch.from_numpy(image[None]), roi_size=roi_size, sw_batch_size=cfg.sw_batch_size,
+            predictor=lambda window: torch.from_numpy(self(window.numpy())), overlap=cfg.overlap, mode="gaussian",
+        )[0].numpy()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
@@ -59,9 +63,9 @@ class OnnxRuntimeModel(EngineModel):
         self.input_name = self.session.get_inputs()[0].name
         self.name = f"onnxruntime {ort.__version__}: {Path(path).name}"
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {self.input_name: _numpy_input(batch)})
-        return torch.from_numpy(logits)
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return logits
 
 
 class OpenVinoModel(EngineModel):
@@ -81,23 +85,8 @@ class OpenVinoModel(EngineModel):
         self.lock = threading.Lock()  # one request, shared by the web app's sessions: one inference at a time
         self.name = f"openvino {ov.__version__}: {Path(path).name}"
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.lock:
-            self.request.infer({0: _numpy_input(batch)}, share_inputs=True)
+            self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
             # The output buffer is reused by the next call: copy it out.
-            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
-
-
-class CompiledTorchModel(EngineModel):
-    """``torch.compile`` (Inductor, C++ code generation on the CPU) of the eager model. Compilation happens on
-    the first batches of each new shape, so it pays off only when a process segments many cases."""
-
-    memory_format = torch.channels_last
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.module = model
-        self.compiled = torch.compile(model, dynamic=True)
-        self.name = "torch.compile (inductor, dynamic shapes)"
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.compiled(batch)
+            return self.request.get_output_tensor(0).data.copy()

@@ -12,14 +12,15 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from neuromap.config import ModelConfig
 from neuromap.errors import NeuroMapError
 
-Builder = Callable[..., torch.nn.Module]
+if TYPE_CHECKING:  # the catalogue is read without PyTorch (`Architecture`); the builders' modules import it
+    import torch
+
+Builder = Callable[..., "torch.nn.Module"]
 
 
 @dataclass
