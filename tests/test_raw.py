@@ -17,72 +17,27 @@ from neuromap.errors import NeuroMapError
 from neuromap.io import discover_cases, load_case
 from neuromap.labels import to_internal
 from neuromap.prepare_raw import RawOptions
-from neuromap.prepare_raw.grid import nifti_on, to_array, to_sitk, working_grid
+from neuromap.prepare_raw.grid import to_array, to_sitk, working_grid
 from neuromap.prepare_raw.inputs import choose_reference
 from neuromap.prepare_raw.register import POOR_SHARPNESS, nmi, sharpness
+from neuromap.prepare_raw.simulate import euler, simulate_raw
 from neuromap.segmenter import segment
 
-CASE = BRATS / "Brats18_CBICA_AOZ_1"  # a test case of the shipped models: never seen in training or selection
+CASE = BRATS / "Brats18_CBICA_AOZ_1"  # the raw path against the prepared input of the same case, same model
 RAW = SHARED_DATA / "raw" / "TCGA-FG-6692"
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # Known patient motion per sequence: rotation about x, y, z (degrees) and translation (mm), LPS scanner axes.
 MOTION = {"t1": ((2.0, -3.0, 4.0), (3.0, -4.0, 2.0)), "t2": ((-4.0, 2.0, -3.0), (-5.0, 2.0, -3.0)),
           "flair": ((3.0, 3.0, -5.0), (4.0, 5.0, 4.0))}
-SLICE_MM = 5
-
-
-def _euler(rotation_deg, translation_mm, centre):
-    import SimpleITK as sitk
-
-    transform = sitk.Euler3DTransform()
-    transform.SetCenter([float(c) for c in centre])
-    transform.SetRotation(*[float(np.radians(r)) for r in rotation_deg])
-    transform.SetTranslation([float(t) for t in translation_mm])
-    return transform
-
-
-# Each sequence's own grid: in-plane spacing (mm), size, and how far its first voxel sits from the reference's (mm).
-GRIDS = {"t1ce": (1.0, (240, 240, 31), (0.0, 0.0, 0.0)), "t1": (1.0, (232, 236, 30), (3.5, -2.5, 1.5)),
-         "t2": (1.2, (200, 200, 31), (1.0, 1.0, -2.0)), "flair": (0.9, (262, 258, 30), (-6.0, -4.0, 2.5))}
-
-
-def _thick(image, modality: str):
-    """The scan as acquired on ``modality``'s own grid: SLICE_MM-thick axial slices (each the mean of the 1 mm
-    slices it spans, as a thick slice integrates), its own in-plane spacing, field of view and position."""
-    import SimpleITK as sitk
-
-    spacing, size, offset = GRIDS[modality]
-    slab = sitk.BoxMean(image, [0, 0, SLICE_MM // 2])
-    grid = sitk.Image(size, sitk.sitkFloat32)
-    grid.SetDirection(image.GetDirection())
-    grid.SetSpacing([spacing, spacing, float(SLICE_MM)])
-    first = image.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, (SLICE_MM - 1) / 2])
-    grid.SetOrigin([float(v) for v in np.array(first) + offset])
-    return sitk.Resample(slab, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
 
 
 @pytest.fixture(scope="module")
 def misaligned(tmp_path_factory) -> dict:
     """The BraTS case as raw scans: every sequence in 5 mm slices; T1, T2 and FLAIR moved by a known rigid
     motion (a few degrees and mm) and each on its own grid; the ground truth on the T1ce (reference) grid."""
-    import SimpleITK as sitk
-
-    folder = tmp_path_factory.mktemp("raw") / "Moved"
-    folder.mkdir()
-    images = {m: nib.load(CASE / f"{CASE.name}_{m}.nii.gz") for m in (*MODALITIES, "seg")}
-    truth = to_internal(np.asarray(images["seg"].dataobj), "brats")
-    reference = _thick(to_sitk(images["t1ce"].get_fdata(), images["t1ce"].affine), "t1ce")
-    centre = reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()])
-    for m in MODALITIES:
-        image = to_sitk(images[m].get_fdata(), images[m].affine)
-        if m in MOTION:  # the patient moved: the scan samples the head at T(x)
-            image = sitk.Resample(image, image, _euler(*MOTION[m], centre), sitk.sitkLinear, 0.0)
-        thick = _thick(image, m)
-        nib.save(nifti_on(thick, np.round(to_array(thick)), np.int16), folder / f"Moved_{m}.nii.gz")  # as scanned
-    seg = sitk.Resample(to_sitk(truth, images["seg"].affine), reference, sitk.Transform(),
-                        sitk.sitkNearestNeighbor, 0.0)
-    return {"folder": folder, "truth_ref": to_array(seg).astype(np.uint8), "truth_1mm": truth, "centre": centre,
-            "reference": reference}
+    sim = simulate_raw(CASE, tmp_path_factory.mktemp("raw") / "Moved", MOTION)
+    return {"folder": sim.folder, "truth_ref": sim.truth_ref, "truth_1mm": sim.truth_1mm, "centre": sim.centre,
+            "reference": sim.reference}
 
 
 def _wt_dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -196,8 +151,8 @@ def test_misaligned_thick_slices_are_registered_back(misaligned, raw_run):
     assert "flair" in report["registration"] and set(report["registration"]) <= set(MOTION)
     for m, entry in report["registration"].items():
         motion = MOTION[m]
-        found = _euler(entry["rotation_deg"], entry["translation_mm"], entry["centre_mm"])
-        moved = _euler(*motion, misaligned["centre"])
+        found = euler(entry["rotation_deg"], entry["translation_mm"], entry["centre_mm"])
+        moved = euler(*motion, misaligned["centre"])
         points = np.array(misaligned["centre"]) + offsets
         errors = [np.linalg.norm(np.array(moved.TransformPoint(found.TransformPoint(p.tolist()))) - p)
                   for p in points]
