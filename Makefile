@@ -33,6 +33,7 @@ bench: setup browser
 	$(PY) benchmarks/lgg_load.py
 	$(PY) benchmarks/app_load.py
 	$(PY) benchmarks/skip_slices.py
+	$(PY) benchmarks/raw_vs_prepared.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
