@@ -175,6 +175,10 @@ class AugmentConfig(Strict):
     low_resolution: tuple[float, float] | None = Field(
         None, description="RandSimulateLowResolution zoom range (e.g. [0.5, 1.0]): older, thicker-slice scans"
     )
+    thick_slices: tuple[float, float] | None = Field(
+        None, description="slice thickness range in mm (e.g. [2, 6]): each sequence through-plane as if acquired in "
+        "thick slices and resampled to 1 mm, with probability prob (`neuromap.training.thick_slices`); None = off"
+    )
     stand_in: float = Field(0.0, ge=0, le=1, description="probability that some of a sample's other sequences are "
                             "replaced by a copy of stand_in_source (kaggle_3m's missing-sequence convention); 0 = off")
     stand_in_source: str = Field("flair", description="the sequence copied over the others")
@@ -183,6 +187,13 @@ class AugmentConfig(Strict):
     @classmethod
     def _canonical(cls, value: str) -> str:
         return canonical_modality(value)
+
+    @field_validator("thick_slices")
+    @classmethod
+    def _thickness(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 1.0 <= value[0] <= value[1] <= 10.0:
+            raise ValueError(f"thick_slices must be [min, max] mm with 1 <= min <= max <= 10, got {list(value)}")
+        return value
 
 
 class AuxiliaryConfig(Strict):

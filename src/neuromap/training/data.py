@@ -22,6 +22,7 @@ from neuromap.io import Case, discover_cases, duplicate_ids, load_case
 from neuromap.preprocess import prepare
 from neuromap.tasks import get_task
 from neuromap.training.stand_in import RandStandInd
+from neuromap.training.thick_slices import RandThickSlicesd
 
 
 def site_of(case_id: str) -> str:
@@ -165,7 +166,11 @@ class PatchDataset(torch.utils.data.Dataset):
         self.auxiliary = auxiliary or []
         dims = cfg.model.spatial_dims
         self.context = cfg.preprocess.context_slices
-        size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 2 * self.context + 1)
+        thickness = cfg.augment.thick_slices
+        # 2.5D samples are a few slices: crop a slab tall enough to hold the thickest slices, keep its centre after
+        self.extra = int(np.ceil(thickness[1])) if thickness and dims == 2 else 0
+        self.thick = RandThickSlicesd("image", thickness, cfg.augment.prob) if thickness else None
+        size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 2 * (self.context + self.extra) + 1)
         self.crop = mt.RandCropByPosNegLabeld(
             ["image", "label"], "label", spatial_size=size, pos=cfg.tumour_sampling,
             neg=1.0 - cfg.tumour_sampling, num_samples=1, fg_indices_key="fg", bg_indices_key="bg",
@@ -193,6 +198,11 @@ class PatchDataset(torch.utils.data.Dataset):
         sample = {"image": case.image, "label": case.seg[None], "fg": case.fg, "bg": case.bg}
         sample = self.pad(self.crop(sample)[0])
         sample = {k: sample[k] for k in ("image", "label")}
+        if self.thick is not None:
+            self.thick.set_random_state(seed=int(rng.integers(2**31)))
+            sample = self.thick(sample)
+        if self.extra:
+            sample = {k: np.asarray(v)[..., self.extra:-self.extra] for k, v in sample.items()}
         if case.flat:
             image = np.asarray(sample["image"])
             sample["image"] = np.repeat(image[..., self.context:self.context + 1], image.shape[-1], axis=-1)
