@@ -35,20 +35,10 @@ MOVED = ("t1", "t2", "flair")
 
 
 def wt_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    a, b = pred > 0, truth > 0
-    return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+    """Whole-tumour Dice (any label) with the project's own binary metrics."""
+    from neuromap.metrics import structure_metrics
 
-
-def registration_error_mm(entry: dict, motion, centre) -> float:
-    """Largest distance between points around the brain centre and where the found and the true motion put them."""
-    from neuromap.prepare_raw.simulate import euler
-
-    found = euler(entry["rotation_deg"], entry["translation_mm"], entry["centre_mm"])
-    moved = euler(*motion, centre)
-    offsets = np.stack(np.meshgrid(*[[-50.0, 0.0, 50.0]] * 3), -1).reshape(-1, 3)
-    points = np.array(centre) + offsets
-    return max(float(np.linalg.norm(np.array(moved.TransformPoint(found.TransformPoint(p.tolist()))) - p))
-               for p in points)
+    return structure_metrics(pred > 0, truth > 0, None, hd95=False)["dice"]
 
 
 def one_case(case_dir: Path, work: Path, rng: np.random.Generator) -> dict:
@@ -57,7 +47,7 @@ def one_case(case_dir: Path, work: Path, rng: np.random.Generator) -> dict:
 
     from neuromap.prepare_raw import RawOptions
     from neuromap.prepare_raw.grid import to_array, to_sitk
-    from neuromap.prepare_raw.simulate import random_motion, simulate_raw
+    from neuromap.prepare_raw.simulate import random_motion, registration_error_mm, simulate_raw
     from neuromap.segmenter import segment
 
     motion = {m: random_motion(rng) for m in MOVED}

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+
     from neuromap.config import InferenceConfig
 
 
@@ -32,16 +34,26 @@ class EngineModel:
     def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    device = "cpu"  # where 3D sliding windows are cut (`sliding_window`)
+
+    def predict_window(self, window: torch.Tensor) -> torch.Tensor:
+        """One batch of 3D windows, as MONAI's sliding window hands them over (tensors on ``device``)."""
+        import torch
+
+        return torch.from_numpy(self(window.numpy()))
+
     def sliding_window(self, image: np.ndarray, roi_size: Sequence[int], cfg: InferenceConfig) -> np.ndarray:
         """3D networks: logits (K, X, Y, Z) of a (C, X, Y, Z) volume from MONAI's Gaussian-weighted sliding
-        windows, each window batch through this runner (MONAI, and so PyTorch, only for 3D models)."""
+        windows, each window batch through `predict_window` (MONAI, and so PyTorch, only for 3D models)."""
         import torch
         from monai.inferers import sliding_window_inference
 
-        return sliding_window_inference(
-            torch.from_numpy(image[None]), roi_size=roi_size, sw_batch_size=cfg.sw_batch_size,
-            predictor=lambda window: torch.from_numpy(self(window.numpy())), overlap=cfg.overlap, mode="gaussian",
-        )[0].numpy()
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                torch.from_numpy(image[None]).to(self.device), roi_size=roi_size, sw_batch_size=cfg.sw_batch_size,
+                predictor=self.predict_window, overlap=cfg.overlap, mode="gaussian",
+            )[0]
+        return logits.float().cpu().numpy()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"

@@ -5,16 +5,10 @@ only processes that run a network in PyTorch (or train one) pay its import.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from neuromap.engines.runtimes import EngineModel
-
-if TYPE_CHECKING:
-    from neuromap.config import InferenceConfig
 
 
 class TorchModel(EngineModel):
@@ -28,23 +22,13 @@ class TorchModel(EngineModel):
         self.module, self.device = module, torch.device(device)
         self.name = "torch"
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict_window(self, batch: torch.Tensor) -> torch.Tensor:
+        """The module on a batch already on its device (also what 3D sliding windows call: they stay there)."""
         return self.module(batch)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = self.run(torch.from_numpy(batch).to(self.device))
-        return logits.float().cpu().numpy()
-
-    def sliding_window(self, image: np.ndarray, roi_size: Sequence[int], cfg: InferenceConfig) -> np.ndarray:
-        """As `EngineModel.sliding_window`, with the volume and the windows on the module's device throughout."""
-        from monai.inferers import sliding_window_inference
-
-        with torch.inference_mode():
-            logits = sliding_window_inference(
-                torch.from_numpy(image[None]).to(self.device), roi_size=roi_size, sw_batch_size=cfg.sw_batch_size,
-                predictor=self.run, overlap=cfg.overlap, mode="gaussian",
-            )[0]
+            logits = self.predict_window(torch.from_numpy(batch).to(self.device))
         return logits.float().cpu().numpy()
 
 
@@ -57,5 +41,5 @@ class CompiledTorchModel(TorchModel):
         self.compiled = torch.compile(module, dynamic=True)
         self.name = "torch.compile (inductor, dynamic shapes)"
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict_window(self, batch: torch.Tensor) -> torch.Tensor:
         return self.compiled(batch)

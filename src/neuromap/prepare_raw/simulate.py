@@ -35,6 +35,17 @@ def euler(rotation_deg, translation_mm, centre):
     return transform
 
 
+def registration_error_mm(entry: dict, motion: Motion, centre) -> float:
+    """How far a registration (a report's ``raw_preparation.registration`` entry) is from undoing the known
+    ``motion``: the largest distance, over points up to 50 mm from ``centre`` along each axis, between a point and
+    where the found transform followed by the motion takes it (0 when the registration undoes the motion)."""
+    found = euler(entry["rotation_deg"], entry["translation_mm"], entry["centre_mm"])
+    moved = euler(*motion, centre)
+    points = np.array(centre) + np.stack(np.meshgrid(*[[-50.0, 0.0, 50.0]] * 3), -1).reshape(-1, 3)
+    return max(float(np.linalg.norm(np.array(moved.TransformPoint(found.TransformPoint(p.tolist()))) - p))
+               for p in points)
+
+
 def random_motion(rng: np.random.Generator, max_deg: float = 5.0, max_mm: float = 5.0) -> Motion:
     """A patient motion of up to ``max_deg`` about each axis and ``max_mm`` along each (uniform)."""
     return (tuple(rng.uniform(-max_deg, max_deg, 3).round(2)), tuple(rng.uniform(-max_mm, max_mm, 3).round(2)))
