@@ -131,7 +131,7 @@ def test_loss_decreases_on_a_real_crop():
     assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
 
 
-@pytest.mark.parametrize("loss", ["ce", "dice", "weighted_dice", "focal"])
+@pytest.mark.parametrize("loss", ["ce", "dice", "dice_bce", "tversky_ce", "weighted_dice", "focal"])
 @pytest.mark.parametrize("out", ["classes", "regions"])
 def test_every_loss_runs_for_both_output_types(loss, out):
     from neuromap.training.losses import make_loss
@@ -261,3 +261,47 @@ def test_ddp_two_processes_on_gloo(tiny_config, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_run"] == TINY["epochs"]
     assert (tmp_path / "ddp" / "best.pt").is_file()
+
+
+def test_tversky_ce_costs_misses_more_than_dice_does():
+    """beta 0.7: against a prediction with false positives, one with misses loses more than under Dice + CE."""
+    from neuromap.training.losses import make_loss
+
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    target[..., 2:6, 2:6] = 2  # 16 pixels of edema: WT only
+    missed, extra = (torch.full((1, 3, 8, 8), -20.0) for _ in range(2))
+    missed[:, 0, 2:4, 2:6] = 20.0  # 8 of the 16 found
+    extra[:, 0, 2:8, 2:6] = 20.0  # all 16 found plus 8 false positives
+    gaps = {}
+    for name in ("tversky_ce", "dice_bce"):
+        loss = make_loss(_region_config(name))
+        gaps[name] = float(loss(missed, target) - loss(extra, target))
+    # WT channel of 3: Tversky 0.41 vs 0.13, Dice 0.33 vs 0.20, so the gaps differ by about (0.28 - 0.13) / 3
+    assert gaps["tversky_ce"] > gaps["dice_bce"] + 0.03, gaps
+
+
+def test_dice_bce_penalises_false_positives_on_background_where_dice_ce_does_not():
+    """MONAI's DiceCELoss on region outputs: softmax CE across WT/TC/ET is 0 where all three targets are 0."""
+    from neuromap.training.losses import make_loss
+
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    target[..., 2:6, 2:6] = 2
+    clean, noisy = (torch.full((1, 3, 8, 8), -4.0) for _ in range(2))
+    clean[:, 0, 2:6, 2:6] = noisy[:, 0, 2:6, 2:6] = 4.0
+    noisy[:, :, 0, :] = 4.0  # one row of background called tumour in all three regions
+    cost = {}
+    for name in ("dice_ce", "dice_bce"):
+        loss = make_loss(_region_config(name))
+        ce = loss.loss.ce  # the cross-entropy term alone (MONAI's method, or ours)
+        cost[name] = float(ce(noisy, _regions(target)) - ce(clean, _regions(target)))
+    assert cost["dice_ce"] == pytest.approx(0.0, abs=1e-6) and cost["dice_bce"] > 0.1, cost
+
+
+def _region_config(loss: str) -> TrainConfig:
+    return TrainConfig.model_validate({**TINY, "loss": loss, "model": {**TINY["model"], "out": "regions"}})
+
+
+def _regions(target: torch.Tensor) -> torch.Tensor:
+    from neuromap.training.losses import region_targets
+
+    return region_targets(target)

@@ -243,7 +243,15 @@ class TrainConfig(Strict):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["ce", "dice", "dice_ce", "weighted_dice", "focal"] = "dice_ce"
+    loss: Literal["ce", "dice", "dice_ce", "dice_bce", "tversky_ce", "weighted_dice", "focal"] = Field(
+        "dice_ce", description="dice_ce is MONAI's DiceCELoss: for region outputs its cross-entropy is a softmax "
+        "across the WT/TC/ET channels (zero on background voxels). dice_bce: Dice plus binary cross-entropy per region "
+        "(nnU-Net's region loss; for class outputs the same as dice_ce); tversky_ce: Tversky (tversky_beta) plus it"
+    )
+    tversky_beta: float = Field(
+        0.7, gt=0, lt=1, description="tversky_ce: weight of misses (false negatives) in the overlap term; false "
+        "positives get 1 - beta, so 0.5 is Dice. Above 0.5 for models that under-segment"
+    )
     class_weights: list[float] | None = None
     batch_dice: bool = Field(
         False, description="Dice over the whole batch per channel (nnU-Net): patches without a structure then do not "

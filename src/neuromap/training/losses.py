@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss, FocalLoss
+from monai.losses import DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
 from neuromap.config import TrainConfig
 from neuromap.labels import REGIONS, UNKNOWN_TUMOUR
@@ -26,6 +26,11 @@ def make_loss(cfg: TrainConfig) -> torch.nn.Module:
         loss = DiceLoss(**act, **batch, weight=weight if weight is not None else _inverse_frequency_default(cfg))
     elif cfg.loss == "dice_ce":
         loss = DiceCELoss(**act, **batch, weight=weight)
+    elif cfg.loss == "dice_bce":
+        loss = _OverlapCE(DiceLoss(**act, **batch, weight=weight), regions, weight)
+    elif cfg.loss == "tversky_ce":
+        beta = cfg.tversky_beta
+        loss = _OverlapCE(TverskyLoss(**act, **batch, alpha=1 - beta, beta=beta), regions, weight)
     elif cfg.loss == "focal":
         loss = FocalLoss(use_softmax=not regions, to_onehot_y=not regions, weight=weight)
     else:
@@ -48,6 +53,24 @@ class _CrossEntropy(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.ce(logits, target) if self.regions else self.ce(logits, target[:, 0].long())
+
+
+class _OverlapCE(torch.nn.Module):
+    """An overlap loss (Dice, Tversky) plus cross-entropy: binary per region for sigmoid outputs, as nnU-Net does.
+
+    Written here because MONAI's DiceCELoss, given several sigmoid channels, applies a softmax cross-entropy across
+    them (MONAI 1.6.1 ``DiceCELoss.forward`` uses BCE only for a single channel). With overlapping WT/TC/ET targets
+    that term is zero on background voxels, so it never penalises a false positive, and it pulls the three
+    regions' logits towards each other inside the tumour. MONAI has no Tversky counterpart of DiceCELoss either.
+    """
+
+    def __init__(self, overlap: torch.nn.Module, regions: bool, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.overlap = overlap
+        self.ce = _CrossEntropy(regions, weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.overlap(logits, target) + self.ce(logits, target)
 
 
 class _RegionAdapter(torch.nn.Module):
