@@ -4,9 +4,11 @@ missing-package error, and engines behaving like the model they replace (dynamic
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -167,3 +169,24 @@ def test_a_cached_export_runs_without_importing_pytorch_or_monai(tmp_path, nativ
     assert "MONAI True PyTorch True" in outputs["first"] and "MONAI False PyTorch False" in outputs["cached"]
     first, cached = (np.asarray(nib.load(next((tmp_path / r).glob("*_seg.nii.gz"))).dataobj) for r in outputs)
     assert np.array_equal(first, cached)
+
+
+@needs_onnx_engine
+@pytest.mark.parametrize("damage", ["truncated export", "unreadable spec"])
+def test_a_damaged_cache_entry_is_made_again(tiny_checkpoint, synthetic_case, tmp_path, monkeypatch, damage):
+    """A cache entry cut short (a full disk) or edited is exported again, with the same labels, instead of a
+    traceback or a silent fall-back to PyTorch on every later run."""
+    monkeypatch.setenv("NEUROMAP_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = InferenceConfig(engine=ONNX_ENGINES[0])
+    (first,) = segment(synthetic_case, model=tiny_checkpoint, cfg=cfg)
+    (exported,) = engines.cache_dir().rglob("*.onnx")
+    if damage == "truncated export":
+        exported.write_bytes(exported.read_bytes()[:1000])
+    else:
+        exported.with_suffix(".spec.json").write_text("{not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back warning either
+        (again,) = segment(synthetic_case, model=tiny_checkpoint, cfg=cfg)
+    assert again.report["engine"] == first.report["engine"]
+    assert np.array_equal(np.asarray(first.labels.dataobj), np.asarray(again.labels.dataobj))
+    assert json.loads(exported.with_suffix(".spec.json").read_text())  # repaired

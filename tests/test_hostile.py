@@ -438,6 +438,33 @@ def _extra_files(case: Path) -> None:
     (case / ".DS_Store").write_bytes(b"\0" * 10)
 
 
+def _no_orientation(case: Path) -> None:
+    for name in (*MODALITIES, "seg"):
+        img = nib.load(seq(case, name))
+        img.set_sform(None, code=0)
+        img.set_qform(None, code=0)
+        nib.save(img, seq(case, name))
+
+
+def _thick_slices(case: Path) -> None:
+    for name in (*MODALITIES, "seg"):
+        img = nib.load(seq(case, name))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine @ np.diag([1, 1, 2, 1])), seq(case, name))
+
+
+HEADER_WARNINGS = {"no-orientation": (_no_orientation, "records no orientation"),
+                   "6-mm-slices": (_thick_slices, "slices thicker than 3.5 mm")}
+
+
+@pytest.mark.parametrize("name", list(HEADER_WARNINGS))
+def test_usable_but_doubtful_header_is_said_once_for_all_files(case, name):
+    """Every sequence has the doubtful header, the warning names them together once (not four times)."""
+    change, words = HEADER_WARNINGS[name]
+    change(case)
+    run = accepted(case, "validate", case, expect=("OK", words))
+    assert run.out.count("warning:") == 1 and all(f"{CASE}_{m}.nii.gz" in run.out for m in MODALITIES), run.out
+
+
 LEGITIMATE = {"float32": _float32, "reoriented-ras": _reoriented, "uncompressed": _uncompressed,
               "extra-files": _extra_files}
 
@@ -488,6 +515,15 @@ def test_existing_outputs_and_input_folder_are_refused(tmp_path, case, tiny_chec
     (out / f"{CASE}_report.json").write_text("{}")
     refused(tmp_path, "segment", case, "-o", out, "--model", tiny_checkpoint, expect=("output exists",))
     refused(tmp_path, "segment", case, "-o", case, "--model", tiny_checkpoint, expect=("would overwrite an input",))
+
+
+def test_outputs_inside_an_input_case_folder_are_refused(tmp_path, case, tiny_checkpoint):
+    """Unlabelled, so no file would be overwritten; still the input folder would change, and the next run would
+    take the written label map for the case's ground truth."""
+    seq(case, "seg").unlink()
+    for out in (case, case / "results"):
+        refused(tmp_path, "segment", case, "-o", out, "--model", tiny_checkpoint,
+                expect=("lies inside the input folder of case 'Small_001'",))
 
 
 def _prediction_folder(tmp_path: Path, case: Path) -> Path:
@@ -726,7 +762,33 @@ def _seg_other_shape(case: Path) -> None:
     replace(seq(case, "seg"), voxels(seq(case, "seg"))[:, :, :-2])
 
 
+def _unusable(kind: str):
+    """The flair entry replaced by something named like it that cannot be read."""
+    def change(case: Path) -> None:
+        flair = seq(case, "flair")
+        if kind == "hdr-img-pair":
+            img = nib.load(flair)
+            nib.save(nib.Nifti1Pair(np.asarray(img.dataobj), img.affine), case / f"{CASE}_flair.img")
+            flair.unlink()
+        elif kind == "mha":
+            flair.rename(case / f"{CASE}_flair.mha")
+        else:
+            flair.unlink()
+            if kind == "folder":
+                flair.mkdir()
+            elif kind == "broken-link":
+                flair.symlink_to(case.parent / "moved_away.nii.gz")
+            else:
+                os.mkfifo(flair)
+    return change
+
+
+UNUSABLE = {"folder": "is a folder", "broken-link": "which does not exist", "pipe": "not a regular file",
+            "hdr-img-pair": "format NeuroMap does not read (.hdr)", "mha": "format NeuroMap does not read (.mha)"}
+
 FOLDER_MISTAKES = {  # id: (change, extra validate arguments, words of the message)
+    **{f"flair-{kind}": (_unusable(kind), [], ("named as the flair sequence but", words))
+       for kind, words in UNUSABLE.items()},
     "two-files-for-t1ce": (_two_t1ce, [], ("two files map to modality 't1ce'",)),
     "seg-probabilities": (_seg_probabilities, [], ("non-integral values",)),
     "seg-unknown-label": (_seg_unknown_label, [], ("labels [7]",)),
@@ -758,6 +820,26 @@ def test_paths_and_mappings_that_make_no_case(tmp_path, case):
     refused(tmp_path, *mapped, f"t2={tmp_path / 'gone.nii.gz'}", expect=("gone.nii.gz: file given for 't2' does not",))
     refused(tmp_path, *mapped, "t2=/dev/zero", expect=("/dev/zero: file given for 't2' is not a regular file",))
     refused(tmp_path, "validate", case, "--map", tmp_path / "list.yaml", expect=("mapping must be 'modality: file'",))
+
+
+def test_prediction_placed_elsewhere_is_said_once_in_the_cli_voice(tmp_path, case):
+    """Same shape and voxel size, 10 mm away: scored as stored, with one warning that says by how much (Python's
+    default warning format shows source lines, which read like a traceback)."""
+    pred = _prediction_folder(tmp_path, case)
+    label = pred / f"{CASE}_seg.nii.gz"
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine + _shift(10)), label)
+    run = cli("evaluate", pred, case.parent, "-o", tmp_path / "eval")
+    assert run.code == 0, run.err
+    warnings = [line for line in run.err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("neuromap evaluate: warning:"), run.err
+    assert "shifted by 10 mm (x +10" in warnings[0] and "UserWarning" not in run.err
+
+
+def _shift(mm: float) -> np.ndarray:
+    moved = np.zeros((4, 4))
+    moved[0, 3] = mm
+    return moved
 
 
 def test_evaluate_mistakes(tmp_path, case):

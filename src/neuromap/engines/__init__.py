@@ -177,12 +177,12 @@ def load_runner(checkpoint: Path, engine: str, device: str = "cpu", fallback: bo
     path = Path(checkpoint).resolve()
     exported = _cached_onnx_path(path) if engine in EXPORTED else None  # hashes the checkpoint: once
     if exported is not None and exported.is_file() and _spec_path(exported).is_file():
-        spec = ModelSpec.from_dict(json.loads(_spec_path(exported).read_text()))
         try:
+            spec = ModelSpec.from_dict(json.loads(_spec_path(exported).read_text()))
             return _runtime(engine, exported, threads or default_threads()), spec
-        except Exception:  # the same failure `wrap_model` reports (or falls back from), with the network built
-            if not fallback:
-                raise
+        except Exception:  # a damaged entry (a full disk, an edit): exported again below, or `wrap_model` reports
+            for stale in (exported, _spec_path(exported)):  # the runtime's own failure (or falls back from it)
+                stale.unlink(missing_ok=True)
     model, spec = load_model(path)
     return wrap_model(model, spec, engine, path, fallback, device, threads), spec
 

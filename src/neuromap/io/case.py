@@ -120,6 +120,40 @@ def split_name_token(stem: str) -> tuple[str, str]:
     return "", stem.lower()
 
 
+# Image formats people export sequences in that NeuroMap does not read (it reads NIfTI and DICOM): a file in one of
+# them, named like a sequence, is refused by name instead of leaving that sequence "missing" without a word.
+OTHER_IMAGE_SUFFIXES = (".hdr", ".img", ".img.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".mgz", ".mgh", ".mnc",
+                        ".nii.bz2", ".nii.zip", ".nii.xz", ".zip", ".gz")
+
+
+def unusable_entry(path: Path) -> str | None:
+    """Why a folder entry named like an image cannot be read (None when it can be, or is no image by name).
+
+    ``visible_files`` skips anything that is not a regular file, so without this a sequence whose file is a broken
+    link, a folder or a pipe would simply be absent, and the user would hear only that it is missing.
+    """
+    if nifti_stem(path):
+        if path.is_file():
+            return None
+        if path.is_symlink() and not path.exists():
+            return f"is a link to {path.readlink()}, which does not exist"
+        return "is a folder" if path.is_dir() else "is not a regular file (a pipe, socket or device)"
+    if path.is_file() and any(path.name.lower().endswith(s) for s in OTHER_IMAGE_SUFFIXES):
+        suffix = next(s for s in OTHER_IMAGE_SUFFIXES if path.name.lower().endswith(s))
+        return f"is in a format NeuroMap does not read ({suffix}); it reads NIfTI (.nii, .nii.gz) and DICOM series"
+    return None
+
+
+def image_token(path: Path) -> str:
+    """The naming token of an image file in any format ('Brats18_x_flair.mha' -> 'flair')."""
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, *OTHER_IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return split_name_token(name)[1]
+
+
 def visible_files(folder: Path) -> list[Path]:
     """The files of ``folder`` in name order, without hidden ones (macOS ``._name`` forks are not data)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -31,6 +31,7 @@ from neuromap.io.dicom import (
 )
 from neuromap.io.dicom_map import StudyChoice, map_study
 from neuromap.io.dicom_seg import write_dicom_seg
+from neuromap.io.header_checks import header_warnings
 from neuromap.io.layout import MAP_OUTPUTS, LabelFile, Prediction
 from neuromap.io.nifti import NiftiLayout
 from neuromap.io.plausibility import check_sequences
@@ -108,9 +109,10 @@ class DicomLayout(NiftiLayout):
         findings = check_sequences(channels, modalities, [f"DICOM series {s.label()}" for s in series])
         if findings.problems:
             raise NeuroMapError("\n".join(findings.problems))
-        return Volume(case=case, image=np.stack(channels), modalities=modalities,
-                      reference=reference_image(reference),
-                      warnings=[*self.notes(case), *findings.warnings])
+        grid = reference_image(reference)
+        thick = header_warnings({Path(f"DICOM series {reference.label()}"): grid})  # one grid for every series
+        return Volume(case=case, image=np.stack(channels), modalities=modalities, reference=grid,
+                      warnings=[*self.notes(case), *thick, *findings.warnings])
 
     def off_grid(self, case: Case, modalities: list[str]) -> list[str]:
         """Series whose grid differs from the reference series' (see `Layout.off_grid`)."""

@@ -31,6 +31,8 @@ MAX_VOLUMES = 8
 # deflate codes a 258-byte match in no fewer than 2 bits: no .gz expands more than ~1032 times (plus headers).
 DEFLATE_MAX_RATIO = 1032
 GZIP_SLACK = 4096
+# Voxels longer than this on any axis get a warning: the models were trained on 1 mm scans.
+THICK_MM = 3.5
 # Voxel sizes in the header and in the affine must agree to this relative tolerance.
 ZOOM_RTOL = 1e-2
 CHUNK = 1 << 20
@@ -135,6 +137,37 @@ def _check_geometry(img: nib.Nifti1Image, path: Path, fix: str) -> None:
             f"{path}: the header contradicts itself: pixdim gives voxels of {_mm(zooms)}, the affine {_mm(norms)}, so "
             f"volumes in mL would depend on which is believed. {fix}"
         )
+
+
+def header_warnings(images: dict[Path, nib.Nifti1Image]) -> list[str]:
+    """What usable headers say that makes the answer less trustworthy: said once for all the files it applies to,
+    not refused."""
+    unoriented = [p for p, img in images.items()
+                  if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0]
+    thick = {p: np.array(img.header.get_zooms()[:3], dtype=float) for p, img in images.items()}
+    thick = {p: z for p, z in thick.items() if z.max() > THICK_MM}
+    found = []
+    if unoriented:
+        codes = "".join(nib.aff2axcodes(images[unoriented[0]].affine))
+        found.append(
+            f"{_files(unoriented)}: the header records no orientation (qform_code and sform_code are 0), so NeuroMap "
+            f"assumes the NIfTI default ({codes}); if the scan is stored otherwise, the model sees the head flipped "
+            "and the pictures' left/right and front/back are wrong. Fix: re-export the scan with its orientation "
+            "(dcm2niix writes it)."
+        )
+    if thick:
+        found.append(
+            f"{_files(list(thick))}: voxels of {_mm(next(iter(thick.values())))}: slices thicker than {THICK_MM:g} mm "
+            "are interpolated to the models' 1 mm grid and thin structures are lost (5 mm slices cost up to 0.11 "
+            "whole-tumour Dice on the shared cases, benchmarks/raw_vs_prepared.py). Expect a less accurate result."
+        )
+    return found
+
+
+def _files(paths: list[Path]) -> str:
+    if len(paths) == 1 or len({p.parent for p in paths}) > 1:
+        return ", ".join(map(str, paths))
+    return f"{paths[0].parent}/ ({', '.join(p.name for p in paths)})"
 
 
 def grid_difference(img: nib.Nifti1Image, reference: nib.Nifti1Image, shape: tuple[int, ...],

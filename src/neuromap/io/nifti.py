@@ -29,11 +29,13 @@ from neuromap.io.case import (
     Case,
     ImageRef,
     Volume,
+    image_token,
     nifti_stem,
     split_name_token,
+    unusable_entry,
     visible_files,
 )
-from neuromap.io.header_checks import grid_difference
+from neuromap.io.header_checks import grid_difference, header_warnings
 from neuromap.io.layout import MAP_OUTPUTS, LabelFile, LabelPair, Layout, Prediction
 from neuromap.io.nifti_files import AFFINE_TOLERANCE, open_nifti, read_nifti, spatial_shape
 from neuromap.io.plausibility import check_distinct_files, check_sequences
@@ -61,6 +63,23 @@ def case_id_of(path: Path) -> str:
 def is_mri_image(path: Path) -> bool:
     """True for an MRI sequence file (t1, t1ce, flair, ... in any supported naming), i.e. not a label map."""
     return split_name_token(nifti_stem(path) or "")[1] in MODALITY_ALIASES
+
+
+def _refuse_unusable(folder: Path, images: dict[str, ImageRef], seg: ImageRef | None) -> None:
+    """A sequence or label file that is named as one but cannot be read (broken link, folder, other format) is an
+    error naming it, unless a readable file already provides the same role: otherwise the user would only hear
+    that the sequence is missing, or a model would be chosen without it."""
+    for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        token = image_token(entry)
+        role = "seg" if token in SEG_TOKENS else canonical_modality(token) if token in MODALITY_ALIASES else None
+        provided = seg is not None if role == "seg" else role in images
+        if role is None or provided or (reason := unusable_entry(entry)) is None:
+            continue
+        what = "label map" if role == "seg" else f"{role} sequence"
+        raise NeuroMapError(
+            f"{entry}: named as the {what} but {reason}. Fix: put the {what} there as a NIfTI file (.nii.gz), "
+            "or remove the entry."
+        )
 
 
 class NiftiLayout(Layout):
@@ -105,6 +124,7 @@ class NiftiLayout(Layout):
                 prefixes.add(prefix)
             else:
                 unknown.append(path.name)
+        _refuse_unusable(folder, images, seg)
         if not images:
             hint = f" (unrecognised NIfTI names: {', '.join(unknown[:6])})" if unknown else ""
             raise NeuroMapError(
@@ -231,8 +251,9 @@ class NiftiLayout(Layout):
                     problems.append(f"{case.brain_mask}: brain mask is empty.")
         if problems:
             raise NeuroMapError("\n".join(problems))
+        warnings = header_warnings({ref.path: img for ref, img in zip(refs, headers, strict=True)})
         return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
-                      reference=first, seg=seg, brain_mask=brain_mask, warnings=findings.warnings)
+                      reference=first, seg=seg, brain_mask=brain_mask, warnings=[*warnings, *findings.warnings])
 
     def off_grid(self, case: Case, modalities: list[str]) -> list[str]:
         """3D sequences whose grid differs from the first one's (see `Layout.off_grid`)."""
@@ -334,10 +355,11 @@ class NiftiLayout(Layout):
                 f"voxel size mismatch for case '{truth.case_id}': prediction {pred.path} has {zooms_pred} mm, "
                 f"ground truth {truth.path} has {zooms_gt} mm. Fix: resample the prediction to the ground-truth grid."
             )
-        if not np.allclose(pred_img.affine, gt_img.affine, atol=AFFINE_TOLERANCE):
+        if difference := grid_difference(pred_img, gt_img, pred_shape, gt_shape, AFFINE_TOLERANCE):
             warnings.warn(
-                f"case '{truth.case_id}': the affine of {pred.path} differs from {truth.path} (origin or orientation); "
-                "voxels are compared as stored.", stacklevel=3,
+                f"case '{truth.case_id}': the prediction {pred.path} is not placed where the ground truth is "
+                f"({difference}); voxels are compared as stored, so the metrics say how the arrays agree, not "
+                "where the prediction lies in the patient.", stacklevel=3,
             )
         return zooms_gt
 
