@@ -292,3 +292,17 @@ def test_several_studies_are_several_cases_and_seg_objects_are_skipped(tmp_path)
     assert any("old_seg.dcm" in note for note in cases[0].study.report()["skipped_files"])
     with pytest.raises(NeuroMapError, match="holds 2 studies"):
         DICOM.cases(tmp_path / "export", {"t1": "2"})
+
+
+@needs_real_data
+def test_pipes_and_loops_in_a_study_tree_are_passed_over(study, tmp_path):
+    """A pipe would block the reader forever and a link loop would walk forever: both are skipped, the study's
+    series are found as without them."""
+    import os
+    import shutil
+
+    tree = Path(shutil.copytree(study, tmp_path / "Patient01", symlinks=True))
+    os.mkfifo(tree / "DICOM" / "IM_pipe")
+    (tree / "DICOM" / "loop").symlink_to(tree, target_is_directory=True)
+    found = sorted(s.description for s in scan_dicom(tree)[0])
+    assert found == sorted(s.description for s in scan_dicom(study)[0]) and len(found) == 5

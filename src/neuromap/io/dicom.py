@@ -28,6 +28,7 @@ import numpy as np
 
 from neuromap.errors import NeuroMapError
 from neuromap.io.case import ImageRef
+from neuromap.io.header_checks import MAX_VOXELS
 from neuromap.io.nifti_files import AFFINE_TOLERANCE
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -125,7 +126,9 @@ def _files(root: Path) -> Iterator[Path]:
     """Every file below ``root`` in a stable order, hidden files and folders (.DS_Store, .git) left out."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield from (Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
+        # regular files only: opening a pipe or device found in an exported tree would block or read forever
+        yield from (Path(dirpath) / name for name in sorted(filenames)
+                    if not name.startswith(".") and os.path.isfile(os.path.join(dirpath, name)))
 
 
 def scan_dicom(root: str | Path) -> tuple[list[Series], list[str]]:
@@ -182,6 +185,8 @@ def _geometry(series: Series, headers: list) -> str | None:
         return "images in different orientations (a localizer?)"
     if len(headers) < 2:
         return "a single image, not a volume"
+    if cols * rows * len(headers) > MAX_VOXELS:
+        return f"{cols} x {rows} x {len(headers)} voxels, more than NeuroMap holds ({MAX_VOXELS:.3g}); resample it"
     row_dir, col_dir = _unit(orientations[0, :3]), _unit(orientations[0, 3:])
     along = positions @ np.cross(row_dir, col_dir)
     order = np.argsort(along, kind="stable")
