@@ -102,7 +102,7 @@ def test_different_grids_without_raw_suggest_raw(misaligned, capsys):
     assert "--raw" in capsys.readouterr().err
     assert main(["validate", str(misaligned["folder"]), "--raw"]) == 0
     assert main(["segment", str(misaligned["folder"]), "-o", "x", "--n4"]) == 2
-    assert "only apply to raw scans" in capsys.readouterr().err
+    assert "--n4 only applies to raw scans" in capsys.readouterr().err
 
 
 @needs_real_data

@@ -208,7 +208,8 @@ def _raw_options(args: argparse.Namespace):
     if not args.raw:
         given = [name for name, value in companions.items() if value]
         if given:
-            raise NeuroMapError(f"{', '.join(given)} only apply to raw scans. Fix: add --raw, or leave them out.")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise NeuroMapError(f"{', '.join(given)} only {verb} to raw scans. Fix: add --raw, or leave them out.")
         return None
     from neuromap.prepare_raw import RawOptions
 
