@@ -617,8 +617,11 @@ def test_spacing_in_a_config_file_has_the_same_range(tmp_path):
     ("data_roots: [{unlabelled}]\n", "no labelled cases"),
     ("data_roots: [{labelled}]\nsplit: {{mode: kfold, fold: 7}}\n", "fold 7 does not exist"),
     ("data_roots: [{labelled}]\noutput_dir: {blocked}\n", "which is a file"),
+    ("data_roots: [{labelled}]\nbatch_size: 100000\n", "voxels per batch"),
+    ("\udcff\udcfe binary", "not a text file (not UTF-8)"),
+    ("# padding\n" * 120_000, "is not a config file"),
 ], ids=["empty", "comment", "empty-mapping", "no-data-roots", "list", "bad-yaml", "missing-root", "unlabelled-root",
-        "no-such-fold", "run-under-a-file"])
+        "no-such-fold", "run-under-a-file", "huge-batch", "binary-file", "1.2-MB-file"])
 def test_training_refusals_leave_no_run_folder(tmp_path, small_case, monkeypatch, text, expect):
     monkeypatch.chdir(tmp_path)  # the default run folder runs/<name> would be created here
     unlabelled = tmp_path / "unlabelled" / CASE
@@ -627,7 +630,8 @@ def test_training_refusals_leave_no_run_folder(tmp_path, small_case, monkeypatch
     (tmp_path / "blocker").write_text("x")
     config = tmp_path / "run.yaml"
     config.write_text(text.format(missing=tmp_path / "missing", unlabelled=unlabelled.parent,
-                                  labelled=small_case.parent, blocked=tmp_path / "blocker" / "run"))
+                                  labelled=small_case.parent, blocked=tmp_path / "blocker" / "run"),
+                      errors="surrogateescape")  # the binary file's bytes as they are
     refused(tmp_path, "train", config, "--quiet", expect=(expect,))
     assert not (tmp_path / "runs").exists()
 

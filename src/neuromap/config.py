@@ -6,6 +6,7 @@ so loading a model never needs the training config file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -104,6 +105,12 @@ class ModelConfig(Strict):
     options: dict = Field(default_factory=dict)
 
 
+# Voxels per training batch: 8x what a 128^3 3D patch pair (the GPU config) needs; the activations of a U-Net take
+# tens of float32 values per input voxel, so beyond this a CPU machine swaps or dies.
+MAX_BATCH_VOXELS = 1 << 25
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few lines; a larger file is a wrong path (or a YAML alias bomb)
+
+
 def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
     """Read a YAML file into a typed config with a message that names the file and the bad field.
 
@@ -116,8 +123,13 @@ def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise NeuroMapError(f"{path}: config file not found.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise NeuroMapError(f"{path}: {path.stat().st_size / 1e6:.1f} MB is not a config file (they are a few "
+                            "lines). Fix: check the path.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise NeuroMapError(f"{path}: not a text file (not UTF-8). Fix: check the path, or save it as UTF-8.") from None
     except yaml.YAMLError as exc:
         raise NeuroMapError(f"{path}: not valid YAML ({exc}).") from None
     if data is None:
@@ -154,8 +166,6 @@ def parse_config(data: dict, model: type[BaseModel], source: str = "config") -> 
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise NeuroMapError(f"{source}: invalid configuration: {problems}") from None
-
-
 
 
 class AugmentConfig(Strict):
@@ -305,6 +315,13 @@ class TrainConfig(Strict):
         dims = self.model.spatial_dims
         if len(self.patch_size) != dims:
             raise ValueError(f"model.spatial_dims={dims} needs a {dims}-number patch_size, got {self.patch_size}")
+        voxels = self.batch_size * math.prod(self.patch_size)
+        if voxels > MAX_BATCH_VOXELS:
+            raise ValueError(
+                f"batch_size {self.batch_size} x patch_size {list(self.patch_size)} is {voxels:.3g} voxels per batch, "
+                f"more than {MAX_BATCH_VOXELS:.3g} (e.g. 16 x 128 x 128 is 2.6e+05, 2 x 128^3 4.2e+06): the network's "
+                "activations would not fit in memory. Fix: a smaller batch_size or patch_size"
+            )
         if (dims == 2) != (self.preprocess.mode == "2d"):
             raise ValueError(f"model.spatial_dims={dims} needs preprocess.mode='{'2d' if dims == 2 else '3d'}'")
         if dims == 2 and self.preprocess.slice_size is not None and \
