@@ -190,3 +190,11 @@ def test_a_damaged_cache_entry_is_made_again(tiny_checkpoint, synthetic_case, tm
     assert again.report["engine"] == first.report["engine"]
     assert np.array_equal(np.asarray(first.labels.dataobj), np.asarray(again.labels.dataobj))
     assert json.loads(exported.with_suffix(".spec.json").read_text())  # repaired
+
+
+def test_thread_default_is_decided_once_for_every_engine(monkeypatch):
+    """OMP_NUM_THREADS, which PyTorch honours, is honoured for the runtimes too, first run or cached."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert engines.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert engines.default_threads() == len(os.sched_getaffinity(0))

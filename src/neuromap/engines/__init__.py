@@ -75,8 +75,12 @@ def resolve_device(name: str) -> str:
 
 
 def default_threads() -> int:
-    """Threads a runner uses when none are configured: the CPUs this process may run on (PyTorch's own default
-    on the project's machines; the runtimes would otherwise pick their own)."""
+    """Threads a runner uses when none are configured, decided here for every engine: ``OMP_NUM_THREADS`` when
+    set (as PyTorch honours it), else the CPUs this process may run on (PyTorch's own default on the project's
+    machines; the runtimes would otherwise pick their own)."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -138,9 +142,9 @@ def cached_onnx(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | Path)
 def wrap_model(model: torch.nn.Module, spec: ModelSpec, engine: str, checkpoint: str | Path,
                fallback: bool = False, device: str = "cpu", threads: int | None = None) -> EngineModel:
     """``model`` as the runner of ``engine`` (a name `resolve_engine` returned), on ``device`` for the PyTorch
-    engines, with ``threads`` (default: PyTorch's setting). ``checkpoint`` (the file ``model`` was loaded from) keys
-    the export cache. With ``fallback`` (the user asked for "auto") a model that cannot be exported runs in
-    PyTorch with a warning instead of failing the segmentation.
+    engines, with ``threads`` (default `default_threads`; PyTorch keeps its own setting). ``checkpoint`` (the file
+    ``model`` was loaded from) keys the export cache. With ``fallback`` (the user asked for "auto") a model that
+    cannot be exported runs in PyTorch with a warning instead of failing the segmentation.
 
     Built once per loaded model by its owner (`neuromap.segmenter.Segmenter`), which keeps it for every case."""
     import torch
@@ -149,7 +153,7 @@ def wrap_model(model: torch.nn.Module, spec: ModelSpec, engine: str, checkpoint:
 
     if threads:
         torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
+    threads = threads or default_threads()  # the runtimes: the same count a cached run (`load_runner`) uses
     path = Path(checkpoint).resolve()
     try:
         if engine in EXPORTED:
