@@ -76,8 +76,9 @@ def register_shipped(name: str, entry: dict) -> None:
 def usable_models(available: list[str], task: str) -> list[ShippedModel]:
     """Shipped models of ``task`` that run on the sequences ``available``, best first: the highest measured Dice
     (the shipped BraTS models' are all out of fold on the same 22 cases and 5 folds, so they compare), ties broken
-    by using more sequences. A full case therefore gets the FLAIR+T1ce model: out of fold it scored 0.794 mean
-    Dice against 0.780 for the four-sequence model of the same recipe (better on 17 of 22 cases; model cards and
+    by using more sequences. A full case therefore gets the FLAIR+T1ce model: out of fold it scored 0.806 mean
+    Dice (Dice + binary CE loss) against 0.780 for the four-sequence model of the same recipe (MONAI's DiceCE
+    loss; with that loss the FLAIR+T1ce recipe scored 0.794, better on 17 of 22 cases; model cards and
     docs/experiments/model_quality.md), and T1 and T2 are not worth what they do not add."""
     usable = [m for m in shipped_models().values() if m.task == task and m.runs_on(available)]
     return sorted(usable, key=lambda m: (m.mean_val_dice, len(m.modalities), m.name), reverse=True)
