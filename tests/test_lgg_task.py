@@ -231,7 +231,7 @@ def test_outputs_never_go_into_a_patient_folder(patients, binary_checkpoint):
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(NeuroMapError, match="input folder"):
         segment(folder, root, model=binary_checkpoint)  # masks would land in the patient folder itself
-    with pytest.raises(NeuroMapError, match="input slice folder"):
+    with pytest.raises(NeuroMapError, match="lies inside the input folder"):
         segment(folder, folder, model=binary_checkpoint)  # report and montage would
     assert sorted(p.name for p in folder.iterdir()) == before
 
