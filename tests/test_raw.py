@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from neuromap.cli import main
 from neuromap.errors import NeuroMapError
-from neuromap.io import discover_cases, load_case
+from neuromap.io import discover_cases, load_case, nifti
 from neuromap.labels import to_internal
 from neuromap.prepare_raw import RawOptions
 from neuromap.prepare_raw.grid import to_array, to_sitk, working_grid
@@ -134,7 +134,25 @@ def raw_run(misaligned, tmp_path_factory):
     """The misaligned case segmented with --raw (skull-stripped inputs: no deepbet), files and maps saved."""
     out = tmp_path_factory.mktemp("raw_out")
     options = RawOptions(skull_stripped=True, save_prepared=True, save_brain_mask=True)
-    return segment(misaligned["folder"], out, raw=options, uncertainty=True, probabilities=True)[0]
+    with pytest.MonkeyPatch.context() as patch:  # what the overlay is drawn with, for the picture's test
+        draw = nifti.overlay_png
+        patch.setattr(nifti, "overlay_png", lambda *args, **kwargs: PICTURE.update(kwargs) or draw(*args, **kwargs))
+        return segment(misaligned["folder"], out, raw=options, uncertainty=True, probabilities=True)[0]
+
+
+PICTURE: dict = {}
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_raw_picture_is_drawn_on_the_working_grid(raw_run):
+    """The overlay shows the 1 mm working-grid labels, so its volumes and positions are the working grid's: with
+    the reference grid's 5 mm voxels they came out several times too large and positions left the head."""
+    working = raw_run.report["raw_preparation"]["working_grid"]
+    shown = dict(part.split(" ")[:2] for part in PICTURE["volumes_text"].split(" · "))
+    for key in ("WT", "TC", "ET"):
+        assert float(shown[key]) == pytest.approx(working["volumes_ml"][key], abs=0.05), (key, shown)
+    assert np.allclose(np.linalg.norm(PICTURE["file_affine"][:3, :3], axis=0), working["spacing_mm"])
 
 
 @needs_real_data
