@@ -123,9 +123,9 @@ def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise NeuroMapError(f"{path}: config file not found.")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise NeuroMapError(f"{path}: {path.stat().st_size / 1e6:.1f} MB is not a config file (they are a few "
-                            "lines). Fix: check the path.")
+    if (size := path.stat().st_size) > MAX_CONFIG_BYTES:
+        raise NeuroMapError(f"{path}: {size / 1e6:.1f} MB is not a config file (they are a few lines). Fix: check "
+                            "the path.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

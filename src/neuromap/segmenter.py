@@ -357,21 +357,18 @@ class Segmenter:
 
 
 def _guard_outputs(case: Case, targets: list[Path], overwrite: bool) -> None:
-    """Refuse targets that are input files or lie in an input folder (slice-folder cases), and existing
-    targets unless ``overwrite``."""
+    """Refuse targets that are input files or lie in a case's input folder, and existing targets unless
+    ``overwrite``."""
     inputs = case.input_paths()
-    folders = {p for p in inputs if p.is_dir()}
     # A case found as a folder (not an explicit file mapping) is that folder: outputs inside it would change the
     # input, and the next run would read them as part of the case (a label map as its ground truth, a DICOM SEG
-    # as a series).
+    # as a series, a mask among the slices of a slice folder).
     root = case.root.resolve() if case.naming != "mapping" and case.root.is_dir() else None
     for target in targets:
-        if target.resolve() in inputs or target.resolve().parent in folders:
-            raise NeuroMapError(
-                f"{target}: would overwrite an input file or write into an input slice folder. "
-                "Fix: choose another output folder."
-            )
-        if root is not None and target.resolve().is_relative_to(root):
+        resolved = target.resolve()
+        if resolved in inputs:
+            raise NeuroMapError(f"{target}: would overwrite an input file. Fix: choose another output folder.")
+        if root is not None and resolved.is_relative_to(root):
             raise NeuroMapError(
                 f"{target}: lies inside the input folder of case '{case.case_id}' ({case.root}); inputs are never "
                 "changed, and a later run would read the outputs as part of the case. Fix: choose an output folder "

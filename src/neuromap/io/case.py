@@ -138,20 +138,23 @@ def unusable_entry(path: Path) -> str | None:
         if path.is_symlink() and not path.exists():
             return f"is a link to {path.readlink()}, which does not exist"
         return "is a folder" if path.is_dir() else "is not a regular file (a pipe, socket or device)"
-    if path.is_file() and any(path.name.lower().endswith(s) for s in OTHER_IMAGE_SUFFIXES):
-        suffix = next(s for s in OTHER_IMAGE_SUFFIXES if path.name.lower().endswith(s))
+    if path.is_file() and (suffix := _other_format(path)):
         return f"is in a format NeuroMap does not read ({suffix}); it reads NIfTI (.nii, .nii.gz) and DICOM series"
     return None
 
 
+def _other_format(path: Path) -> str | None:
+    """The `OTHER_IMAGE_SUFFIXES` entry ``path`` ends with, if any."""
+    return next((s for s in OTHER_IMAGE_SUFFIXES if path.name.lower().endswith(s)), None)
+
+
 def image_token(path: Path) -> str:
     """The naming token of an image file in any format ('Brats18_x_flair.mha' -> 'flair')."""
-    name = path.name
-    for suffix in (*NIFTI_SUFFIXES, *OTHER_IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return split_name_token(name)[1]
+    stem = nifti_stem(path)
+    if stem is None:
+        suffix = _other_format(path)
+        stem = path.name[: -len(suffix)] if suffix else path.name
+    return split_name_token(stem)[1]
 
 
 def visible_files(folder: Path) -> list[Path]:

@@ -144,8 +144,8 @@ def header_warnings(images: dict[Path, nib.Nifti1Image]) -> list[str]:
     not refused."""
     unoriented = [p for p, img in images.items()
                   if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0]
-    thick = {p: np.array(img.header.get_zooms()[:3], dtype=float) for p, img in images.items()}
-    thick = {p: z for p, z in thick.items() if z.max() > THICK_MM}
+    zooms = {p: np.array(img.header.get_zooms()[:3], dtype=float) for p, img in images.items()}
+    thick = {p: z for p, z in zooms.items() if z.max() > THICK_MM}
     found = []
     if unoriented:
         codes = "".join(nib.aff2axcodes(images[unoriented[0]].affine))

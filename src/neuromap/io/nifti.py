@@ -251,9 +251,9 @@ class NiftiLayout(Layout):
                     problems.append(f"{case.brain_mask}: brain mask is empty.")
         if problems:
             raise NeuroMapError("\n".join(problems))
-        warnings = header_warnings({ref.path: img for ref, img in zip(refs, headers, strict=True)})
+        doubtful = header_warnings({ref.path: img for ref, img in zip(refs, headers, strict=True)})
         return Volume(case=case, image=np.stack(channels).astype(np.float32, copy=False), modalities=modalities,
-                      reference=first, seg=seg, brain_mask=brain_mask, warnings=[*warnings, *findings.warnings])
+                      reference=first, seg=seg, brain_mask=brain_mask, warnings=[*doubtful, *findings.warnings])
 
     def off_grid(self, case: Case, modalities: list[str]) -> list[str]:
         """3D sequences whose grid differs from the first one's (see `Layout.off_grid`)."""
