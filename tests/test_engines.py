@@ -192,6 +192,26 @@ def test_a_damaged_cache_entry_is_made_again(tiny_checkpoint, synthetic_case, tm
     assert json.loads(exported.with_suffix(".spec.json").read_text())  # repaired
 
 
+@needs_onnx_engine
+def test_a_sound_export_the_runtime_refuses_is_kept(tiny_checkpoint, synthetic_case, tmp_path, monkeypatch):
+    """An intact export that the runtime cannot open (say, checked with ONNX Runtime, refused by OpenVINO) falls
+    back to PyTorch with a warning under "auto" and is not exported again on every later run."""
+    monkeypatch.setenv("NEUROMAP_CACHE_DIR", str(tmp_path / "cache"))
+    (first,) = segment(synthetic_case, model=tiny_checkpoint, cfg=InferenceConfig(engine="auto"))
+    assert first.report["engine"] != "torch"
+    (exported,) = engines.cache_dir().rglob("*.onnx")
+    made = exported.stat().st_mtime_ns
+
+    def refuse(name, onnx_file, threads):
+        raise RuntimeError("this runtime cannot open the file")
+
+    monkeypatch.setattr(engines, "_runtime", refuse)
+    with pytest.warns(UserWarning, match="using PyTorch"):
+        (result,) = segment(synthetic_case, model=tiny_checkpoint, cfg=InferenceConfig(engine="auto"))
+    assert result.report["engine"] == "torch"
+    assert exported.stat().st_mtime_ns == made  # kept, not made again
+
+
 def test_thread_default_is_decided_once_for_every_engine(monkeypatch):
     """OMP_NUM_THREADS, which PyTorch honours, is honoured for the runtimes too, first run or cached."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -39,7 +39,7 @@ REQUIREMENTS: dict[str, tuple[tuple[str, ...], str]] = {
 EXPORTED = tuple(REQUIREMENTS)  # the engines that run the ONNX export of a checkpoint
 # What "auto" tries on a CPU, best first (benchmarks/engines.py; docs/experiments/inference_engines.md).
 AUTO_ORDER: tuple[str, ...] = ("openvino", "onnxruntime")
-EXPORT_VERSION = 2  # bump when the export changes, so cached files are made again (2: with the spec beside it)
+EXPORT_VERSION = 3  # bump when the export changes, so cached files are made again (3: the spec records the size)
 
 
 def engine_available(engine: str) -> bool:
@@ -130,7 +130,7 @@ def cached_onnx(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | Path)
             # atomic, the spec last: concurrent processes never see half a file, nor an export without its spec
             export_onnx(model, spec, target, overwrite=True)
             with atomic_path(_spec_path(target), overwrite=True) as tmp:
-                tmp.write_text(json.dumps(spec.to_dict()))
+                tmp.write_text(json.dumps({"spec": spec.to_dict(), "onnx_bytes": target.stat().st_size}))
         except PermissionError as exc:
             raise NeuroMapError(
                 f"cannot write the engine cache {target.parent} ({exc.strerror}). Fix: set NEUROMAP_CACHE_DIR to a "
@@ -180,15 +180,31 @@ def load_runner(checkpoint: Path, engine: str, device: str = "cpu", fallback: bo
 
     path = Path(checkpoint).resolve()
     exported = _cached_onnx_path(path) if engine in EXPORTED else None  # hashes the checkpoint: once
-    if exported is not None and exported.is_file() and _spec_path(exported).is_file():
+    spec = _cached_spec(exported) if exported is not None else None
+    if spec is not None:
         try:
-            spec = ModelSpec.from_dict(json.loads(_spec_path(exported).read_text()))
             return _runtime(engine, exported, threads or default_threads()), spec
-        except Exception:  # a damaged entry (a full disk, an edit): exported again below, or `wrap_model` reports
-            for stale in (exported, _spec_path(exported)):  # the runtime's own failure (or falls back from it)
-                stale.unlink(missing_ok=True)
+        except Exception:  # a sound export this runtime cannot open: `wrap_model` reports the runtime's own error
+            pass  # (or falls back from it) and keeps the export, which is therefore not made again on every run
     model, spec = load_model(path)
     return wrap_model(model, spec, engine, path, fallback, device, threads), spec
+
+
+def _cached_spec(exported: Path) -> ModelSpec | None:
+    """The spec of an intact cache entry, else None with a damaged entry (cut short by a full disk, edited) removed
+    so that it is exported again: the spec records the export's size, so a damaged file is told apart from a
+    runtime that cannot open a sound one (that one is kept, or every run would export it again)."""
+    if not (exported.is_file() and _spec_path(exported).is_file()):
+        return None
+    try:
+        entry = json.loads(_spec_path(exported).read_text())
+        if entry["onnx_bytes"] == exported.stat().st_size:
+            return ModelSpec.from_dict(entry["spec"])
+    except Exception:  # unreadable or edited: removed below
+        pass
+    for stale in (exported, _spec_path(exported)):
+        stale.unlink(missing_ok=True)
+    return None
 
 
 def _runtime(name: str, onnx_file: Path, threads: int) -> EngineModel:

@@ -110,7 +110,7 @@ class DicomLayout(NiftiLayout):
         if findings.problems:
             raise NeuroMapError("\n".join(findings.problems))
         grid = reference_image(reference)
-        thick = header_warnings({Path(f"DICOM series {reference.label()}"): grid})  # one grid for every series
+        thick = header_warnings({f"DICOM series {reference.label()}": grid})  # one grid for every series
         return Volume(case=case, image=np.stack(channels), modalities=modalities, reference=grid,
                       warnings=[*self.notes(case), *thick, *findings.warnings])
 

@@ -139,9 +139,9 @@ def _check_geometry(img: nib.Nifti1Image, path: Path, fix: str) -> None:
         )
 
 
-def header_warnings(images: dict[Path, nib.Nifti1Image]) -> list[str]:
+def header_warnings(images: dict[Path | str, nib.Nifti1Image]) -> list[str]:
     """What usable headers say that makes the answer less trustworthy: said once for all the files it applies to,
-    not refused."""
+    not refused. Keys name the inputs: file paths, or labels such as a DICOM series'."""
     unoriented = [p for p, img in images.items()
                   if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0]
     zooms = {p: np.array(img.header.get_zooms()[:3], dtype=float) for p, img in images.items()}
@@ -164,10 +164,11 @@ def header_warnings(images: dict[Path, nib.Nifti1Image]) -> list[str]:
     return found
 
 
-def _files(paths: list[Path]) -> str:
-    if len(paths) == 1 or len({p.parent for p in paths}) > 1:
-        return ", ".join(map(str, paths))
-    return f"{paths[0].parent}/ ({', '.join(p.name for p in paths)})"
+def _files(names: list[Path | str]) -> str:
+    """Several files of one folder as ``folder/ (a, b)``; anything else as listed."""
+    if len(names) == 1 or not all(isinstance(n, Path) for n in names) or len({n.parent for n in names}) > 1:
+        return ", ".join(map(str, names))
+    return f"{names[0].parent}/ ({', '.join(n.name for n in names)})"
 
 
 def grid_difference(img: nib.Nifti1Image, reference: nib.Nifti1Image, shape: tuple[int, ...],
