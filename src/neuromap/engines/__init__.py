@@ -125,7 +125,7 @@ def cached_onnx(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | Path)
     from neuromap.engines.onnx_export import export_onnx
 
     target = _cached_onnx_path(Path(checkpoint))
-    if not (target.is_file() and _spec_path(target).is_file()):
+    if _cached_spec(target) is None:  # missing or damaged (then removed): made again
         try:
             # atomic, the spec last: concurrent processes never see half a file, nor an export without its spec
             export_onnx(model, spec, target, overwrite=True)
