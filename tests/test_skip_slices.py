@@ -17,8 +17,9 @@ from conftest import BRATS, needs_real_data
 from neuromap.checkpoint import ModelSpec, load_model
 from neuromap.cli import main
 from neuromap.config import InferenceConfig, ModelConfig, PreprocessConfig
-from neuromap.inference import near_tumour, predict_probs
+from neuromap.inference import agreement_sample, near_tumour, predict_probs
 from neuromap.postprocess import postprocess
+from neuromap.quality import flip_dice
 from neuromap.tasks import get_task, task_of
 
 DEPTH = 30
@@ -158,17 +159,20 @@ def test_all_slices_switch_and_the_voxel_size_reach_the_model_stage(tmp_path, ti
     seen = []
     predict = segmenter_module.predict_probs
 
-    def recording(models, image, cfg, device, spacing):
-        seen[-1].append((cfg.skip_slices, spacing))
-        return predict(models, image, cfg, device, spacing)
+    def recording(models, image, cfg, device, spacing, slices=None):
+        seen[-1].append((cfg.skip_slices, spacing, slices))
+        return predict(models, image, cfg, device, spacing, slices)
 
     monkeypatch.setattr(segmenter_module, "predict_probs", recording)
     for extra in ([], ["--all-slices"]):
         seen.append([])  # the case's pass and the quality estimate's mirrored pass
         assert main(["segment", str(synthetic_case), "-o", str(tmp_path / str(len(extra))),
                      "--model", str(tiny_checkpoint), "--quiet", *extra]) == 0
-    assert [{on for on, _ in run} for run in seen] == [{True}, {False}]
-    assert all(s[-1] == pytest.approx(1.0) for run in seen for _, s in run)  # the synthetic case's slices: 1 mm
+    assert [{on for on, _, _ in run} for run in seen] == [{True}, {False}]
+    assert all(s[-1] == pytest.approx(1.0) for run in seen for _, s, _ in run)  # the synthetic case's slices: 1 mm
+    (_, _, first), (_, _, mirrored) = seen[0]
+    assert first is None and 0 < len(mirrored) < 32  # skipping on: the mirrored pass runs a sample of the slices
+    assert [slices for _, _, slices in seen[1]] == [None, None]  # --all-slices: every slice, both passes
 
 
 @needs_real_data
@@ -203,3 +207,38 @@ def test_shipped_model_gives_the_full_pass_labels_on_a_real_case():
     final_on, _ = postprocess(labels_on, 0.001, cfg, task.postprocess_steps())
     final_off, _ = postprocess(labels_off, 0.001, cfg, task.postprocess_steps())
     assert np.array_equal(final_on, final_off)
+
+
+def test_the_mirrored_pass_samples_every_other_slice_near_the_tumour_and_the_coarse_grid_elsewhere():
+    depth = 61
+    tumour = np.zeros(depth, dtype=bool)
+    tumour[20:40] = True
+    sample = agreement_sample(tumour, InferenceConfig(), MM)  # stride 4 mm, margin 2 mm: 4 and 2 slices
+    offset = (depth - 1) % 4 // 2
+    near = np.arange(18, 42)
+    assert set(near[(near - offset) % 2 == 0]) <= set(sample.index)
+    assert not set(near[(near - offset) % 2 == 1]) & set(sample.index)
+    far = np.setdiff1d(np.arange(depth), near)
+    assert set(sample.index) - set(near) == set(far[(far - offset) % 4 == 0])  # the coarse pass's slices
+    inside = np.isin(sample.index, near)
+    assert set(sample.weight[inside]) == {2} and set(sample.weight[~inside]) == {4}
+    assert abs(int(sample.weight.sum()) - depth) <= 4  # each slice stands for the slices around it
+    assert agreement_sample(tumour, InferenceConfig(skip_slices=False), MM) is None
+    assert agreement_sample(tumour, InferenceConfig(), None) is None  # voxel size unknown: every slice
+
+
+def test_sampled_flip_dice_weights_each_slice_by_the_slices_it_stands_for():
+    task = get_task("brats")
+    labels = np.zeros((8, 8, 40), dtype=np.uint8)
+    labels[2:6, 2:6, 10:30] = 2  # 20 slices of edema
+    sample = agreement_sample(labels.reshape(-1, 40).any(0), InferenceConfig(), MM)
+    assert flip_dice(labels, labels, task, sample)["WT"] == 1.0
+    shifted = np.zeros_like(labels)
+    shifted[2:6, 2:6, 15:35] = 2  # 15 of 20 slices overlap: Dice 0.75 over every slice
+    assert flip_dice(labels, shifted, task)["WT"] == pytest.approx(0.75)
+    assert flip_dice(labels, shifted, task, sample)["WT"] == pytest.approx(0.75, abs=0.06)
+    distant = labels.copy()
+    coarse = int(sample.index[sample.weight == 4][0])  # a coarse slice far from the tumour
+    distant[2:6, 2:6, coarse] = 2  # a mirrored-pass false positive there stands for 4 slices
+    expected = 2 * 20 * 16 / (2 * 20 * 16 + 4 * 16)
+    assert flip_dice(labels, distant, task, sample)["WT"] == pytest.approx(expected, abs=0.02)

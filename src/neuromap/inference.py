@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import maximum_filter1d
@@ -133,8 +134,9 @@ def near_tumour(slice_probs: Callable[[np.ndarray], np.ndarray], depth: int, tas
         nonlocal probs
         part = slice_probs(index)
         if probs is None:
-            probs = task.background((*part.shape[1:-1], depth)).astype(part.dtype)
-        probs[..., index] = part
+            probs = _on_slices(part, index, depth, task)
+        else:
+            probs[..., index] = part
         ran[index] = True
         tumour[index] = task.labels(part).reshape(-1, len(index)).any(0)
 
@@ -147,9 +149,17 @@ def near_tumour(slice_probs: Callable[[np.ndarray], np.ndarray], depth: int, tas
         run(todo)
 
 
+def _on_slices(part: np.ndarray, index: np.ndarray, depth: int, task: Task) -> np.ndarray:
+    """Probabilities of the slices ``index`` (K, X, Y, len(index)) in a volume of ``depth`` slices whose other
+    slices are certain background."""
+    probs = task.background((*part.shape[1:-1], depth)).astype(part.dtype)
+    probs[..., index] = part
+    return probs
+
+
 def predict_probs(
     models: Sequence[tuple[object, ModelSpec]], image: np.ndarray, cfg: InferenceConfig, device: str = "cpu",
-    spacing: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None, slices: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mean probabilities (K, X, Y, Z) over the models (an ensemble when several) and, with ``cfg.tta``, over
     all flips of the in-plane axes (2D) or all three axes (3D). ``models`` pair runners (or PyTorch modules, run
@@ -159,15 +169,20 @@ def predict_probs(
     store none, e.g. LGG slices), only the slices that can hold tumour run (`near_tumour`), the ensemble's and
     flips' mean deciding; its stride and margin are in mm, so a thick-slice scan is not sampled more coarsely
     than 1 mm ones. 3D models always run whole: their sliding windows span many slices, so none is skipped.
+    ``slices`` (axial indices; slice models only) runs exactly those and nothing else, e.g. `SliceSample.index`.
     """
     x = np.asarray(image, dtype=np.float32)
     runners = [(as_runner(model, device), spec) for model, spec in models]
     passes = _passes(runners, x, cfg)
-    steps = skip_steps(cfg, spacing)
-    if steps is None or any(spec.model.spatial_dims != 2 for _, spec in models):
+    task = task_of(models[0][1])
+    if any(spec.model.spatial_dims != 2 for _, spec in models):
         return _mean_probs(passes, cfg)
-    probs, _ = near_tumour(lambda index: _mean_probs(passes, cfg, index), x.shape[-1], task_of(models[0][1]),
-                           *steps)
+    if slices is not None:
+        return _on_slices(_mean_probs(passes, cfg, slices), slices, x.shape[-1], task)
+    steps = skip_steps(cfg, spacing)
+    if steps is None:
+        return _mean_probs(passes, cfg)
+    probs, _ = near_tumour(lambda index: _mean_probs(passes, cfg, index), x.shape[-1], task, *steps)
     return probs
 
 
@@ -180,3 +195,34 @@ def skip_steps(cfg: InferenceConfig, spacing: Sequence[float] | None) -> tuple[i
         return None
     stride = int(cfg.skip_stride_mm / spacing[-1] + 1e-6)
     return (stride, max(1, round(cfg.skip_margin_mm / spacing[-1]))) if stride >= 2 else None
+
+
+@dataclass(frozen=True)
+class SliceSample:
+    """Axial slices a check runs on (``index``) and how many slices each stands for (``weight``)."""
+
+    index: np.ndarray
+    weight: np.ndarray
+
+
+def agreement_sample(tumour: np.ndarray, cfg: InferenceConfig, spacing: Sequence[float] | None
+                     ) -> SliceSample | None:
+    """The slices the quality estimate's mirrored pass runs (`neuromap.quality.flip_dice` compares the two label
+    maps there), given which axial slices of the first pass hold tumour (bool, depth); None: every slice (as
+    `skip_steps`: slice skipping off, voxel size unknown, or too coarse a stride).
+
+    Within ``skip_margin_mm`` of the tumour every other slice of the coarse pass's grid, elsewhere the coarse
+    pass's slices (every ``skip_stride_mm``), so a mirrored pass that puts tumour far from the first pass's is
+    still seen. A Dice over every other 1 mm slice of a tumour tens of slices deep estimates the Dice over all of
+    them closely (docs/experiments/skip_slices.md measures the quality signal both ways), for about half the
+    mirrored pass's model work; the labels never come from this pass.
+    """
+    steps = skip_steps(cfg, spacing)
+    if steps is None:
+        return None
+    stride, margin = steps
+    near = maximum_filter1d(tumour, 2 * margin + 1, mode="constant", cval=0)
+    step = np.where(near, max(1, stride // 2), stride)
+    z = np.arange(len(tumour))
+    keep = (z - (len(tumour) - 1) % stride // 2) % step == 0  # on the coarse pass's grid (`near_tumour`)
+    return SliceSample(np.flatnonzero(keep), step[keep])

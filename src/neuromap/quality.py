@@ -5,7 +5,10 @@ stage measures, per case, signals that can tell, and turns them into an estimate
 
 - ``flip_dice``: the model is run once more on the left-right mirrored scan (it was trained with flips, so it
   should give the mirrored answer) and the two label maps are compared, Dice per region, averaged. A model that
-  changes its mind when the brain is mirrored is guessing.
+  changes its mind when the brain is mirrored is guessing. Slice models on scans of known voxel size run the
+  mirrored pass on a sample of axial slices only (`neuromap.inference.agreement_sample`: every other slice near
+  the tumour, the coarse pass's slices elsewhere) and the Dice is taken there, each slice weighted by the slices
+  it stands for.
 - ``tumour_entropy``: the mean voxel uncertainty (`neuromap.uncertainty`) inside the predicted tumour.
 - ``core_fraction`` (tumour core / whole tumour volume) and ``core_largest_share`` (share of the core in its
   largest 26-connected piece): a tiny or fragmented core is how region models fail on unusual tumours.
@@ -32,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -41,6 +44,7 @@ from neuromap.labels import REGIONS, region_masks
 
 if TYPE_CHECKING:
     from neuromap.checkpoint import ModelSpec
+    from neuromap.inference import SliceSample
     from neuromap.io import Volume
     from neuromap.preprocess import Prepared
     from neuromap.tasks import Task
@@ -51,7 +55,13 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 LEFT_RIGHT = 1  # the RAS x axis of a prepared (C, X, Y, Z) image
 ESTIMATE = "mean Dice of the regions WT, TC, ET (BraTS), or of the abnormality (binary)"
 
-Predictor = Callable[[np.ndarray], np.ndarray]  # prepared image -> probabilities of one pass, no TTA
+
+class Predictor(Protocol):
+    """One pass of the case's model(s), no TTA: prepared image -> probabilities, of the axial ``slices`` only
+    when given (`neuromap.inference.predict_probs`)."""
+
+    def __call__(self, image: np.ndarray, slices: np.ndarray | None = None) -> np.ndarray: ...
+
 
 
 def recipe_key(spec: ModelSpec) -> str:
@@ -170,15 +180,24 @@ def best_renaming(profile: dict[str, float], reference: dict[str, dict[str, floa
     return best, naming
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+def _dice(a: np.ndarray, b: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Dice of two masks; with ``weight``, (…, Z) masks whose axial slices count ``weight`` times each."""
+    def count(mask: np.ndarray) -> float:
+        return float(mask.sum()) if weight is None else float(mask.reshape(-1, mask.shape[-1]).sum(0) @ weight)
+
+    total = count(a) + count(b)
+    return 1.0 if total == 0 else 2.0 * count(a & b) / total
 
 
-def flip_dice(labels: np.ndarray, flipped_labels: np.ndarray, task: Task) -> dict[str, float]:
-    """Dice between two label maps per region of the task (an empty pair agrees fully)."""
+def flip_dice(labels: np.ndarray, flipped_labels: np.ndarray, task: Task,
+              sample: SliceSample | None = None) -> dict[str, float]:
+    """Dice between two label maps per region of the task (an empty pair agrees fully); on the ``sample``'s
+    axial slices only, each weighted by the slices it stands for, when given."""
+    if sample is not None:
+        labels, flipped_labels = labels[..., sample.index], flipped_labels[..., sample.index]
     a, b = region_masks(labels), region_masks(flipped_labels)
-    return {r: _dice(a[r], b[r]) for r in task.validation_regions}
+    weight = None if sample is None else sample.weight
+    return {r: _dice(a[r], b[r], weight) for r in task.validation_regions}
 
 
 def core_signals(internal: np.ndarray) -> dict[str, float]:
@@ -193,14 +212,15 @@ def core_signals(internal: np.ndarray) -> dict[str, float]:
 
 
 def measure(prepared: Prepared, probs: np.ndarray, flipped: np.ndarray, internal: np.ndarray, volume: Volume,
-            task: Task, modalities: list[str]) -> dict:
+            task: Task, modalities: list[str], sample: SliceSample | None = None) -> dict:
     """Every signal of one case. ``probs`` and ``flipped`` are one model pass on the prepared image and on its
-    mirror (mirrored back), (K, X, Y, Z); ``internal`` the final labels in the input grid."""
+    mirror (mirrored back), (K, X, Y, Z), the mirrored one run on the ``sample``'s slices when given;
+    ``internal`` the final labels in the input grid."""
     labels = task.labels(probs)
     tumour = labels > 0
     uncertainty = task.uncertainty(probs)
     inverse = prepared.inverse
-    agreement = flip_dice(labels, task.labels(flipped), task)
+    agreement = flip_dice(labels, task.labels(flipped), task, sample)
     signals: dict = {
         "flip_dice": float(np.mean(list(agreement.values()))),
         "flip_dice_regions": agreement,
@@ -269,14 +289,19 @@ def review_reasons(signals: dict, score: float | None, reference: dict, flag_bel
 
 
 def assess(prepared: Prepared, probs: np.ndarray, predict: Predictor, tta: bool, internal: np.ndarray,
-           volume: Volume, spec: ModelSpec, task: Task) -> dict:
+           volume: Volume, spec: ModelSpec, task: Task,
+           sample_for: Callable[[np.ndarray], SliceSample | None] = lambda tumour: None) -> dict:
     """``report["quality"]`` of one case. ``probs`` are the case's probabilities, ``predict`` runs one pass of
     the same model(s) without TTA; with ``tta`` the unmirrored pass is run again, because the signals were fitted
-    on single passes and the TTA average already contains the mirrored one."""
+    on single passes and the TTA average already contains the mirrored one. ``sample_for`` gives, from which
+    axial slices hold tumour, the slices the mirrored pass runs (None: all; `neuromap.inference.agreement_sample`).
+    """
     image = prepared.image
     single = predict(image) if tta else probs
-    flipped = np.flip(predict(np.ascontiguousarray(np.flip(image, LEFT_RIGHT))), LEFT_RIGHT)
-    signals = measure(prepared, single, flipped, internal, volume, task, spec.modalities)
+    sample = sample_for(task.labels(single).reshape(-1, image.shape[-1]).any(0))
+    mirrored = np.ascontiguousarray(np.flip(image, LEFT_RIGHT))
+    flipped = np.flip(predict(mirrored, slices=None if sample is None else sample.index), LEFT_RIGHT)
+    signals = measure(prepared, single, flipped, internal, volume, task, spec.modalities, sample)
     profile = signals.pop("intensity_profile")
     calibration = calibration_for(spec)
     if calibration is None:

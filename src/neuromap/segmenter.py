@@ -34,7 +34,7 @@ from neuromap.engines import default_threads, load_runner, resolve_device, resol
 from neuromap.engines.runtimes import EngineModel
 from neuromap.errors import NeuroMapError
 from neuromap.export import labels_in_input_grid, output_image
-from neuromap.inference import predict_probs
+from neuromap.inference import agreement_sample, predict_probs
 from neuromap.io import Case, Volume, atomic_path, cases_from_inputs, duplicate_ids
 from neuromap.io.dicom_layout import DICOM_SEG
 from neuromap.io.inputs import Inputs
@@ -325,7 +325,8 @@ class Segmenter:
         t1 = time.perf_counter()
         single_pass = partial(predict_probs, models, cfg=cfg.model_copy(update={"tta": False}), device=self.device,
                               spacing=spacing)
-        quality = assess(read.prepared, probs, single_pass, cfg.tta, internal, output_volume, spec, task)
+        quality = assess(read.prepared, probs, single_pass, cfg.tta, internal, output_volume, spec, task,
+                         partial(agreement_sample, cfg=cfg, spacing=spacing))
         maps = layout.output_maps(volume, map_images(probs, inverse, task, volume.reference, requested_maps(cfg)))
         timings["quality_s"] = time.perf_counter() - t1
         report = case_report(output_volume, spec, task, read.model_files, cfg, convention, internal, warnings,
