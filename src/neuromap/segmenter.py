@@ -41,6 +41,7 @@ from neuromap.io.inputs import Inputs
 from neuromap.io.layout import Prediction
 from neuromap.io.output_checks import check_writable_folder
 from neuromap.labels import WRITABLE
+from neuromap.pictures import preload as preload_pictures
 from neuromap.postprocess import postprocess
 from neuromap.prepare_raw import RawOptions, as_raw
 from neuromap.preprocess import Prepared, prepare
@@ -182,6 +183,8 @@ class Segmenter:
         results = [self._skipped(case, Path(output_dir)) for case in selected if case.case_id in done]
         yield from results
         todo = [case for case in selected if case.case_id not in done]
+        if todo and output_dir is not None:
+            preload_pictures()
         with tqdm(total=len(todo), desc="segmenting", unit="case", disable=not progress or len(todo) < 2) as bar:
             for read in self._reads(todo, output_dir, overwrite or resume):
                 bar.set_postfix_str(read.case.case_id, refresh=False)
