@@ -140,13 +140,19 @@ def near_tumour(slice_probs: Callable[[np.ndarray], np.ndarray], depth: int, tas
         ran[index] = True
         tumour[index] = task.labels(part).reshape(-1, len(index)).any(0)
 
-    run(np.arange((depth - 1) % stride // 2, depth, stride))  # centred: both ends equally far from a sample
+    run(np.arange(_coarse_offset(depth, stride), depth, stride))
     while True:
         near = maximum_filter1d(tumour, 2 * margin + 1, mode="constant", cval=0)
         todo = np.flatnonzero(near & ~ran)
         if not len(todo):
             return probs, ran
         run(todo)
+
+
+def _coarse_offset(depth: int, stride: int) -> int:
+    """First slice of `near_tumour`'s coarse pass: centred, so both ends of the volume are equally far from a
+    sample."""
+    return (depth - 1) % stride // 2
 
 
 def _on_slices(part: np.ndarray, index: np.ndarray, depth: int, task: Task) -> np.ndarray:
@@ -224,5 +230,5 @@ def agreement_sample(tumour: np.ndarray, cfg: InferenceConfig, spacing: Sequence
     near = maximum_filter1d(tumour, 2 * margin + 1, mode="constant", cval=0)
     step = np.where(near, max(1, stride // 2), stride)
     z = np.arange(len(tumour))
-    keep = (z - (len(tumour) - 1) % stride // 2) % step == 0  # on the coarse pass's grid (`near_tumour`)
+    keep = (z - _coarse_offset(len(tumour), stride)) % step == 0  # on the coarse pass's grid
     return SliceSample(np.flatnonzero(keep), step[keep])

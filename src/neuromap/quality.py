@@ -63,7 +63,6 @@ class Predictor(Protocol):
     def __call__(self, image: np.ndarray, slices: np.ndarray | None = None) -> np.ndarray: ...
 
 
-
 def recipe_key(spec: ModelSpec) -> str:
     """What makes predictions comparable: architecture, options, preprocessing, task and outputs, not the weights
     or the training cases. Fold models of a cross-validation and the model trained on all cases share it, so a
