@@ -13,7 +13,7 @@ centre after undoing the found transform, against the known motion), its NMI sha
 The shipped default model was trained on these 22 cases, so both Dice values are optimistic; their difference is
 what the raw path costs, which is the bar.
 
-    python benchmarks/raw_vs_prepared.py [--cases N] [--seed 0] [--json OUT]
+    python benchmarks/raw_vs_prepared.py [--cases N] [--seed 0] [--json OUT] [--model NAME_OR_CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def wt_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return structure_metrics(pred > 0, truth > 0, None, hd95=False)["dice"]
 
 
-def one_case(case_dir: Path, work: Path, rng: np.random.Generator) -> dict:
+def one_case(case_dir: Path, work: Path, rng: np.random.Generator, model: str | None = None) -> dict:
     import nibabel as nib
     import SimpleITK as sitk
 
@@ -53,9 +53,9 @@ def one_case(case_dir: Path, work: Path, rng: np.random.Generator) -> dict:
     motion = {m: random_motion(rng) for m in MOVED}
     sim = simulate_raw(case_dir, work / case_dir.name / "raw" / case_dir.name, motion, name=case_dir.name)
     cpu = time.process_time()
-    raw = segment(sim.folder, work / case_dir.name / "raw_out", raw=RawOptions(skull_stripped=True))[0]
+    raw = segment(sim.folder, work / case_dir.name / "raw_out", model=model, raw=RawOptions(skull_stripped=True))[0]
     raw_cpu = time.process_time() - cpu
-    prepared = segment(case_dir, work / case_dir.name / "prepared_out")[0]
+    prepared = segment(case_dir, work / case_dir.name / "prepared_out", model=model)[0]
     on_ref = sitk.Resample(to_sitk(np.asarray(prepared.labels.dataobj), prepared.labels.affine), sim.reference,
                            sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
     raw_labels = np.asarray(nib.load(raw.files["seg.nii.gz"]).dataobj)
@@ -77,13 +77,14 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=None, help="the first N cases in name order (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(RESULT))
+    parser.add_argument("--model", help="a model name or checkpoint for both paths (default: the shipped default)")
     args = parser.parse_args()
     cases = sorted(p for p in DATA.iterdir() if p.is_dir())[: args.cases]
     rng = np.random.default_rng(args.seed)
     results = {}
     with tempfile.TemporaryDirectory(prefix="neuromap-raw-") as tmp:
         for case_dir in cases:
-            results[case_dir.name] = row = one_case(case_dir, Path(tmp), rng)
+            results[case_dir.name] = row = one_case(case_dir, Path(tmp), rng, args.model)
             row["difference"] = round(row["wt_dice_raw"] - row["wt_dice_prepared"], 4)
             print(f"{case_dir.name}: WT raw {row['wt_dice_raw']:.3f} prepared {row['wt_dice_prepared']:.3f} "
                   f"(diff {row['difference']:+.3f}); registration error {row['registration_error_mm']} mm; "
@@ -94,7 +95,8 @@ def main() -> None:
                "within_0.05": sum(d >= -0.05 for d in diffs),
                "mean_wt_raw": round(statistics.mean(r["wt_dice_raw"] for r in results.values()), 4),
                "mean_wt_prepared": round(statistics.mean(r["wt_dice_prepared"] for r in results.values()), 4)}
-    out = {"machine": cpu_info(), "seed": args.seed, "summary": summary, "cases": results}
+    out = {"machine": cpu_info(), "seed": args.seed, "model": args.model or "default", "summary": summary,
+           "cases": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(json.dumps(summary))

@@ -91,3 +91,15 @@ def test_config_refuses_impossible_thicknesses():
     for bad in ([0.5, 3], [4, 2], [2, 20]):
         with pytest.raises(ValidationError, match="thick_slices"):
             TrainConfig.model_validate({"name": "x", "augment": {"thick_slices": bad}})
+
+
+def test_thick_slices_prob_overrides_the_shared_probability_for_that_transform_only():
+    cfg = {"name": "x", "model": {"name": "unet2d", "spatial_dims": 2},
+           "preprocess": {"mode": "2d", "slice_size": None, "context_slices": 1}, "patch_size": [32, 32]}
+    augment = {"prob": 0.15, "thick_slices": [3, 6], "thick_slices_prob": 0.5}
+    own = TrainConfig.model_validate({**cfg, "augment": augment})
+    assert PatchDataset([_case()], own).thick.prob == 0.5
+    shared = TrainConfig.model_validate({**cfg, "augment": {"prob": 0.15, "thick_slices": [3, 6]}})
+    assert PatchDataset([_case()], shared).thick.prob == 0.15
+    with pytest.raises(ValidationError, match="thick_slices_prob"):
+        TrainConfig.model_validate({"name": "x", "augment": {"thick_slices_prob": 1.5}})

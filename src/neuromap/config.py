@@ -189,6 +189,10 @@ class AugmentConfig(Strict):
         None, description="slice thickness range in mm (e.g. [2, 6]): each sequence through-plane as if acquired in "
         "thick slices and resampled to 1 mm, with probability prob (`neuromap.training.thick_slices`); None = off"
     )
+    thick_slices_prob: float | None = Field(
+        None, ge=0, le=1, description="probability of the thick-slice transform alone (a model meant for thick-slice "
+        "inputs sees them more often than the other augmentations); None = prob"
+    )
     stand_in: float = Field(0.0, ge=0, le=1, description="probability that some of a sample's other sequences are "
                             "replaced by a copy of stand_in_source (kaggle_3m's missing-sequence convention); 0 = off")
     stand_in_source: str = Field("flair", description="the sequence copied over the others")

@@ -169,7 +169,8 @@ class PatchDataset(torch.utils.data.Dataset):
         thickness = cfg.augment.thick_slices
         # 2.5D samples are a few slices: crop a slab tall enough to hold the thickest slices, keep its centre after
         self.extra = int(np.ceil(thickness[1])) if thickness and dims == 2 else 0
-        self.thick = RandThickSlicesd("image", thickness, cfg.augment.prob) if thickness else None
+        thick_prob = cfg.augment.prob if cfg.augment.thick_slices_prob is None else cfg.augment.thick_slices_prob
+        self.thick = RandThickSlicesd("image", thickness, thick_prob) if thickness else None
         size = tuple(cfg.patch_size) if dims == 3 else (*cfg.patch_size, 2 * (self.context + self.extra) + 1)
         self.crop = mt.RandCropByPosNegLabeld(
             ["image", "label"], "label", spatial_size=size, pos=cfg.tumour_sampling,
